@@ -1,0 +1,210 @@
+"""``python -m pipeline <command>`` (also the ``rare-lesion`` console script).
+
+Each command parses its arguments, loads the validated config, calls one library function and writes
+outputs. Heavy libraries (torch, MONAI, mlflow) are imported inside the commands, so ``--help`` is fast.
+
+Exit codes: 0 success; 1 unexpected error; 2 bad usage or invalid config; 3 invalid input data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DATA = 0, 1, 2, 3
+log = logging.getLogger("pipeline")
+
+
+def _config(args: argparse.Namespace):
+    from pipeline.config import load_config
+
+    path = Path(args.params)
+    if not path.exists() and args.params == "configs/params.yaml":
+        path = None  # defaults, e.g. when run outside the repository
+    return load_config(path, args.overrides)
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def cmd_synth_data(args: argparse.Namespace) -> int:
+    from pipeline.data.synthetic import write_synthetic_dataset
+
+    cfg = _config(args)
+    out = Path(args.output or cfg.paths.raw)
+    write_synthetic_dataset(out, cfg.data.synthetic, progress=not args.quiet)
+    log.info("wrote %d synthetic scans to %s", cfg.data.synthetic.n_cases, out)
+    return EXIT_OK
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from pipeline.data.prepare import validated_dataset
+
+    cfg = _config(args)
+    if args.dataset:
+        source = "csv" if args.dataset.endswith(".csv") else "msd"
+        cfg = cfg.model_copy(update={"data": replace_data(cfg.data, source=source, dataset=args.dataset)})
+    ds, has_lesion = validated_dataset(cfg, progress=not args.quiet)
+    print(f"OK: {ds.manifest}: {len(ds.training)} training case(s) ({sum(has_lesion.values())} with lesions), "
+          f"{len(ds.test)} test case(s), labels {ds.labels}, channels {list(ds.channel_names)}")
+    return EXIT_OK
+
+
+def replace_data(data_cfg, **changes):
+    """A re-validated copy of the data section with ``changes``."""
+    from pipeline.config import DataConfig
+
+    return DataConfig.model_validate({**data_cfg.model_dump(), **changes})
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from pipeline.data.prepare import prepare_data
+
+    prepare_data(_config(args), progress=not args.quiet)
+    return EXIT_OK
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.data.prepare import validated_dataset
+    from pipeline.preprocessing.stage import run_preprocess
+
+    cfg = _config(args)
+    ds, _ = validated_dataset(cfg, progress=not args.quiet)
+    splits = json.loads(Path(cfg.paths.splits).read_text())
+    run_preprocess(cfg, ds, splits, Path(args.output or cfg.paths.preprocessed), workers=args.workers)
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.training.stage import run_training
+
+    run_training(_config(args), resume=args.resume, progress=not args.quiet)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.inference.predict import predict_paths
+
+    cfg = _config(args)
+    predict_paths(cfg, Path(args.model), Path(args.input), Path(args.output), progress=not args.quiet,
+                  output_format=args.format)
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.predictions:
+        from pipeline.evaluation.evaluate import evaluate_folders
+
+        if not args.labels or not args.output:
+            raise SystemExit("evaluate --predictions needs --labels and --output")
+        metrics = evaluate_folders(Path(args.predictions), Path(args.labels), Path(args.output), cfg.evaluation,
+                                   lesion_label=args.lesion_label)
+    else:
+        from pipeline.evaluation.stage import run_evaluation_stage
+
+        metrics = run_evaluation_stage(cfg, progress=not args.quiet)
+    print(f"CPM {metrics['cpm']:.4f}  lesions {metrics['lesions_total']}  scans {metrics['scans_total']}")
+    return EXIT_OK
+
+
+def cmd_make_dataset(args: argparse.Namespace) -> int:
+    from pipeline.io.make_dataset import make_dataset
+
+    path = make_dataset(images=args.images, labels=args.labels, output=Path(args.output),
+                        channel_names=args.channel_names, label_names=args.label_names,
+                        case_id_regex=args.case_id_regex, root=args.root)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="configs/params.yaml", help="config file (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.loss.gamma=1 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit codes: 0 ok, 1 error, 2 bad usage/config, 3 invalid data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("synth-data", cmd_synth_data, "write the deterministic synthetic CT-like data set (MSD layout)")
+    p.add_argument("--output", help="folder (default: paths.raw)")
+    p = add("check-data", cmd_check_data, "validate a data set; every problem is listed with case and file")
+    p.add_argument("--dataset", help="dataset.json / MSD folder / CSV manifest (default: from config)")
+    add("prepare-data", cmd_prepare_data, "data stage: synthesise or locate the data set, validate, split")
+    p = add("preprocess", cmd_preprocess, "fingerprint, plan, and preprocess every case (parallel)")
+    p.add_argument("--output", help="folder (default: paths.preprocessed)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: preprocess.workers)")
+    p = add("train", cmd_train, "train the 3D U-Net (torchrun for several GPUs)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p = add("predict", cmd_predict, "write lesion probability and label maps in each input's geometry")
+    p.add_argument("--model", required=True, help="checkpoint (.pt) written by train")
+    p.add_argument("--input", required=True, help="an image file, a DICOM folder, or a folder of images")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--format", default="input", choices=["input", "nifti"],
+                   help="output format: the input's (NIfTI for DICOM) or always NIfTI")
+    p = add("evaluate", cmd_evaluate, "lesion-level FROC/CPM and voxel metrics (the stage, or any folders)")
+    p.add_argument("--predictions", help="folder of probability / label maps (evaluate anything)")
+    p.add_argument("--labels", help="folder of ground-truth label maps, matched by file name")
+    p.add_argument("--output", help="output folder for metrics.json, froc.csv, lesions.csv, plots")
+    p.add_argument("--lesion-label", type=int, default=None, help="label value that counts as lesion")
+    p = add("make-dataset", cmd_make_dataset, "write a dataset.json pointing at existing scans (no copies)")
+    p.add_argument("--images", action="append", required=True,
+                   help="glob per channel, e.g. 'dir/*/FLAIR.nii.gz' (repeat for more channels)")
+    p.add_argument("--labels", required=True, help="glob of label maps, e.g. 'dir/*/lesion.nii.gz'")
+    p.add_argument("--output", required=True, help="dataset.json to write")
+    p.add_argument("--channel-names", nargs="+", default=None, help="one name per --images, e.g. FLAIR T1")
+    p.add_argument("--label-names", nargs="+", default=None, help="names of labels 0..K-1, e.g. background lesion")
+    p.add_argument("--case-id-regex", default=None, help="regex with one group giving the case id from a path")
+    p.add_argument("--root", default=None, help="data set root (default: common folder of all files)")
+    return parser
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    from pipeline.config import ConfigError
+    from pipeline.io.dataset import DatasetError
+    from pipeline.io.formats import VolumeReadError
+    from pipeline.io.validate import DataValidationError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"config error:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (DatasetError, DataValidationError, VolumeReadError) as exc:
+        print(f"data error:\n{exc}", file=sys.stderr)
+        return EXIT_DATA
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the message is the user's; the traceback only with --verbose
+        if args.verbose:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR

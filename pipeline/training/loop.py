@@ -1,0 +1,233 @@
+"""The training loop, readable top to bottom.
+
+1. build the network from the plan, initialise its head to the lesion prior, build focal + Dice loss
+2. resume model / optimiser / scaler / epoch / RNG state from ``last.pt`` when asked
+3. per epoch: lesion-aware patch batches from worker processes, AMP forward/backward, clipping, LR step
+4. every ``val_every`` epochs (and at the end): sliding-window inference on the validation scans,
+   lesion-level CPM (Dice secondary); the best checkpoint is kept by (CPM, Dice), the last always
+5. per-epoch metrics go to a CSV (DVC plots) and to ``log_metrics`` (MLflow, rank 0 only)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.training.checkpoint import check_resume_compatible, load_checkpoint, save_checkpoint
+from pipeline.training.data import PatchBatches, PreprocessedCase, make_loader
+from pipeline.training.distributed import DistInfo, barrier
+from pipeline.training.schedule import learning_rate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    operating_point: dict[str, float] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def amp_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
+    """(enabled, dtype, needs GradScaler): bf16 where supported, else fp16 with a scaler; CUDA only."""
+    if device.type != "cuda" or amp == "off":
+        return False, None, False
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return True, torch.bfloat16, False
+    return True, torch.float16, True
+
+
+def check_patch_fits(patch_size, cases: list[PreprocessedCase]) -> None:
+    largest = np.max([c.label.shape for c in cases], axis=0)
+    if any(p > n for p, n in zip(patch_size, largest, strict=True)):
+        raise ValueError(f"patch size {list(patch_size)} is larger than every preprocessed scan (largest extent "
+                         f"{largest.tolist()} voxels); lower train.patch_size / preprocess.patch_size")
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.train.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True,
+                               weight_decay=o.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def supervised_loss(loss_fn: nn.Module, output, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, focal, dice) averaged over deep-supervision heads with weights 1/2^i (nnU-Net)."""
+    heads = list(torch.unbind(output, dim=1)) if output.ndim == 6 else [output]
+    weights = torch.tensor([0.5**i for i in range(len(heads))])
+    weights = weights / weights.sum()
+    total = focal = dice = 0.0
+    for w, head in zip(weights.tolist(), heads, strict=True):
+        parts = loss_fn.parts(head.float(), target)
+        total, focal, dice = total + w * parts.total, focal + w * parts.focal, dice + w * parts.dice
+    return total, focal, dice  # type: ignore[return-value]
+
+
+def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase], val_cases: list[PreprocessedCase],
+          out_dir: Path, resume: bool = False, progress: bool = True, dist_info: DistInfo = DistInfo(),
+          log_metrics: Callable[[dict[str, float], int], None] | None = None,
+          stop_after_steps: int | None = None) -> TrainResult:
+    """Train and write ``last.pt`` / ``best.pt`` into ``out_dir`` (rank 0). See the module docstring."""
+    from tqdm import tqdm
+
+    from pipeline.losses import build_loss
+    from pipeline.model.factory import build_model
+    from pipeline.model.prior_init import find_head_conv, init_prior_bias
+    from pipeline.training.validate import validate
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    if tc.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    else:
+        torch.backends.cudnn.benchmark = True
+    patch = tuple(tc.patch_size or plan["patch_size"])
+    batch_size = tc.batch_size or plan["batch_size"]
+    check_patch_fits(patch, train_cases)
+    n_classes, in_channels = int(plan["n_classes"]), len(plan["channel_names"])
+    lesion_labels = list(plan["lesion_labels"])
+
+    model = build_model(tc.model, plan, in_channels, n_classes)
+    if tc.model.prior_init:
+        init_prior_bias(find_head_conv(model), tc.model.prior_probability, tc.loss.mode, n_classes, lesion_labels)
+    model.to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    loss_fn = build_loss(tc.loss, n_classes)
+    optimizer = build_optimizer(cfg, model)
+    amp_on, amp_dtype, use_scaler = amp_settings(tc.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_key, best_epoch, best_metrics, operating_point = 0, (-1.0, -1.0), -1, {}, None
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    flat = cfg.flat()
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path, device)
+        check_resume_compatible(last_path, state["config_flat"], flat)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        best_key, best_epoch = tuple(state["best_key"]), int(state["best_epoch"])
+        best_metrics, operating_point = dict(state["best_metrics"]), state.get("operating_point")
+        log.info("resumed from %s at epoch %d", last_path, start_epoch)
+    elif resume:
+        log.warning("--resume: %s does not exist; starting from scratch", last_path)
+
+    net: nn.Module = model
+    if dist_info.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    if tc.compile:
+        net = torch.compile(net)
+
+    spacing = np.asarray(plan["target_spacing_mm"], dtype=float)
+    aniso_axis = int(np.argmax(spacing)) if spacing.max() > cfg.preprocess.anisotropy_ratio * spacing.min() else None
+    dataset = PatchBatches(train_cases, patch, batch_size, tc.sampling, tc.augment, lesion_labels,
+                           seed=cfg.seed, rank=dist_info.rank, anisotropic_axis=aniso_axis)
+    total_steps = tc.epochs * tc.steps_per_epoch
+    warmup = tc.optim.warmup_epochs * tc.steps_per_epoch
+    steps_done = 0
+
+    for epoch in range(start_epoch, tc.epochs):
+        dataset.set_epoch(epoch, tc.steps_per_epoch)
+        loader = make_loader(dataset, tc.num_workers, pin_memory=device.type == "cuda")
+        net.train()
+        sums = {"loss": 0.0, "focal": 0.0, "dice_loss": 0.0}
+        wait = compute = 0.0
+        t_epoch = t_ready = time.perf_counter()
+        bar = tqdm(loader, total=tc.steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step",
+                   disable=not (progress and dist_info.is_main), leave=False)
+        for step, batch in enumerate(bar):
+            t_got = time.perf_counter()
+            wait += t_got - t_ready
+            lr = learning_rate(epoch * tc.steps_per_epoch + step, total_steps, tc.optim.lr, tc.optim.schedule, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            image = batch["image"].to(device, non_blocking=True)
+            target = batch["label"].to(device, non_blocking=True)
+            if tc.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last_3d)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_on else nullcontext():
+                output = net(image)
+            total, focal, dice = supervised_loss(loss_fn, output, target)
+            scaler.scale(total).backward()
+            if tc.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), tc.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            sums["loss"] += float(total)
+            sums["focal"] += float(focal)
+            sums["dice_loss"] += float(dice)
+            t_ready = time.perf_counter()
+            compute += t_ready - t_got
+            bar.set_postfix(loss=f"{float(total):.4f}")
+            steps_done += 1
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                raise KeyboardInterrupt(f"stopped after {steps_done} steps (test hook)")
+        n = tc.steps_per_epoch
+        elapsed = time.perf_counter() - t_epoch
+        row: dict[str, Any] = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": lr,
+                               "patches_per_s": n * batch_size * dist_info.world_size / max(elapsed, 1e-9),
+                               "data_wait_fraction": wait / max(wait + compute, 1e-9), "epoch_time_s": elapsed}
+        if device.type == "cuda":
+            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+
+        is_val_epoch = (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs
+        if dist_info.is_main and is_val_epoch and val_cases:
+            val = validate(model, val_cases, plan, cfg, device, patch)
+            row.update({f"val_{k}": v for k, v in val.metrics.items()})
+            key = (val.metrics["cpm"], val.metrics["dice_lesion"])
+            if key > best_key:
+                best_key, best_epoch, best_metrics, operating_point = key, epoch + 1, dict(val.metrics), val.operating_point
+                _save(best_path, model, optimizer, scaler, epoch, history + [row], cfg, plan, best_key, best_epoch,
+                      best_metrics, operating_point)
+        history.append(row)
+        if dist_info.is_main:
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+            if log_metrics:
+                log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, epoch + 1)
+            if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs:
+                _save(last_path, model, optimizer, scaler, epoch, history, cfg, plan, best_key, best_epoch,
+                      best_metrics, operating_point)
+        barrier(dist_info)
+
+    if dist_info.is_main and not best_path.exists():  # no validation scans: the last model is the best
+        _save(best_path, model, optimizer, scaler, tc.epochs - 1, history, cfg, plan, best_key, tc.epochs,
+              best_metrics, operating_point)
+    return TrainResult(best_epoch, best_metrics, history, operating_point)
+
+
+def _save(path: Path, model, optimizer, scaler, epoch, history, cfg: Config, plan, best_key, best_epoch,
+          best_metrics, operating_point) -> None:
+    save_checkpoint(path, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": epoch, "torch_rng": torch.get_rng_state(), "history": history,
+        "config": cfg.to_dict(), "config_flat": cfg.flat(), "plan": plan,
+        "best_key": list(best_key), "best_epoch": best_epoch, "best_metrics": best_metrics,
+        "operating_point": operating_point,
+    })

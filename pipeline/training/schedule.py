@@ -1,0 +1,23 @@
+"""Learning-rate schedules as pure functions of the step."""
+
+from __future__ import annotations
+
+import math
+
+
+def learning_rate(step: int, total_steps: int, base_lr: float, kind: str, warmup_steps: int = 0) -> float:
+    """Learning rate for optimiser step ``step`` (0-based) of ``total_steps``.
+
+    1. Warm-up: linear from ``base_lr / warmup_steps`` to ``base_lr`` over the first ``warmup_steps``.
+    2. Then, with t = (step - warmup) / (total - warmup) in [0, 1):
+       ``poly``: base * (1 - t)^0.9 (nnU-Net); ``cosine``: base * 0.5 * (1 + cos(pi * t)).
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    if kind == "poly":
+        return base_lr * (1.0 - t) ** 0.9
+    if kind == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ValueError(f"unknown schedule {kind!r}")
