@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("configs/params.yaml")
 
@@ -44,7 +52,8 @@ class _Section(BaseModel):
     @classmethod
     def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads True as 1: a YAML `epochs: yes` must fail, not train for one epoch
-        if isinstance(value, bool) and info.field_name and _wants_number(cls.model_fields[info.field_name].annotation):
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if isinstance(value, bool) and field is not None and _wants_number(field.annotation):
             raise ValueError(f"a boolean ({value}) is not a number")
         return value
 
@@ -117,6 +126,7 @@ class PreprocessConfig(_Section):
     anisotropic_percentile: float = Field(10.0, ge=0, le=100)
     crop_to_nonzero: bool = True
     image_order: int = Field(3, ge=0, le=5)  # spline order for images; labels are one-hot linear + argmax
+    image_order_z: int = Field(1, ge=0, le=5)  # order along the low-res axis of strongly anisotropic scans
     intensity: IntensityConfig = IntensityConfig()
     workers: int = Field(0, ge=0)  # 0 -> number of CPU cores
     memory_budget: Literal["cpu", "gpu"] = "cpu"

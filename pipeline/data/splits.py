@@ -27,6 +27,12 @@ def stratified_split(has_lesion: dict[str, bool], val_fraction: float, test_frac
         rng.shuffle(stratum)
         n_test = int(round(test_fraction * len(stratum)))
         n_val = int(round(val_fraction * len(stratum)))
+        # rounding up both can empty a small stratum (2 scans at 0.3 + 0.3): train keeps one of each kind
+        while stratum and n_test + n_val > len(stratum) - 1:
+            if n_val >= n_test:
+                n_val -= 1
+            else:
+                n_test -= 1
         out["test"] += stratum[:n_test]
         out["val"] += stratum[n_test:n_test + n_val]
         out["train"] += stratum[n_test + n_val:]

@@ -121,6 +121,10 @@ def load_msd(path: str | Path, root: str | Path | None = None) -> Dataset:
     if not isinstance(channels_raw, dict) or not channels_raw:
         problems.append(f"{manifest}: 'modality' / 'channel_names' must be a non-empty mapping")
         channels_raw = {"0": "unknown"}
+    if not all(str(k).isdigit() for k in channels_raw):
+        problems.append(f"{manifest}: 'modality' / 'channel_names' keys must be channel indices 0, 1, ..., "
+                        f"got {list(channels_raw)}")
+        channels_raw = {str(i): v for i, v in enumerate(channels_raw.values())}
     channel_names = tuple(str(channels_raw[k]) for k in sorted(channels_raw, key=lambda k: int(k)))
 
     training: list[Case] = []
@@ -128,15 +132,19 @@ def load_msd(path: str | Path, root: str | Path | None = None) -> Dataset:
         entries = meta["training"]
         if not isinstance(entries, list):
             problems.append(f"{manifest}: 'training' must be a list")
-            entries = []
-        for i, entry in enumerate(entries):
+        elif not entries:
+            problems.append(f"{manifest}: the training list is empty; at least one labelled case is needed")
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
             if not isinstance(entry, dict) or "image" not in entry:
                 problems.append(f"{manifest}: training[{i}] needs an 'image' (and 'label') entry")
                 continue
+            if not entry.get("label"):  # a training case without a label map cannot train or validate
+                problems.append(f"{manifest}: training[{i}] ({entry['image']}) has no 'label'")
+                continue
             rels = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
             images = [_inside(root_path, r, manifest, problems) for r in rels]
-            label = _inside(root_path, entry["label"], manifest, problems) if entry.get("label") else None
-            if None in images:
+            label = _inside(root_path, entry["label"], manifest, problems)
+            if None in images or label is None:
                 continue
             cid = str(entry.get("case_id") or _case_id(images[0]))  # type: ignore[arg-type]
             training.append(Case(cid, tuple(images), label))  # type: ignore[arg-type]
@@ -147,6 +155,9 @@ def load_msd(path: str | Path, root: str | Path | None = None) -> Dataset:
             by_case.setdefault(_case_id(img), []).append(img)
         for cid, imgs in sorted(by_case.items()):
             training.append(Case(cid, tuple(imgs), root_path / "labelsTr" / f"{cid}{ending}"))
+        if not training:
+            problems.append(f"{manifest}: no training images match {root_path / 'imagesTr'}/*{ending} "
+                            "(nnU-Net layout)")
     else:
         problems.append(f"{manifest}: no 'training' list (and no nnU-Net 'file_ending' to discover cases)")
 
@@ -157,8 +168,6 @@ def load_msd(path: str | Path, root: str | Path | None = None) -> Dataset:
         if None not in images:
             test.append(Case(_case_id(images[0]), tuple(images), None))  # type: ignore[arg-type]
 
-    if not training and not any("training" in p for p in problems):
-        problems.append(f"{manifest}: the training list is empty; at least one labelled case is needed")
     _check_unique(training + test, manifest, problems)
     if problems:
         raise DatasetError(problems)

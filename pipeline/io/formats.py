@@ -93,9 +93,15 @@ def _to_volume(path: Path, data: np.ndarray, affine: np.ndarray, channels_last: 
         data = np.moveaxis(data, -1, 0) if channels_last else data
     else:
         raise VolumeReadError(f"{path}: expected a 3D image (or 4D multi-channel), got {data.ndim}D shape {data.shape}")
-    if min(data.shape[1:]) < 2 and data.ndim == 4 and sorted(data.shape[1:])[1] < 2:
-        raise VolumeReadError(f"{path}: image is not 3D (shape {data.shape[1:]})")
+    _require_3d(path, data.shape[1:])
     return Volume(np.ascontiguousarray(data), affine)
+
+
+def _require_3d(path: Path, spatial_shape: tuple[int, ...]) -> None:
+    # a single slice is a 2D image, with one channel or several
+    if min(spatial_shape) < 2:
+        raise VolumeReadError(f"{path}: image is 2D (spatial shape {tuple(spatial_shape)}); a 3D volume is "
+                              "required")
 
 
 def _read_nibabel(path: Path) -> Volume:
@@ -155,6 +161,7 @@ def _sitk_image_to_volume(path: Path, img) -> Volume:
         data = arr.T[None]
     else:
         data = np.transpose(arr, (0, 3, 2, 1))
+    _require_3d(path, data.shape[1:])
     direction = np.asarray(img.GetDirection()).reshape(dim, dim)[:3, :3]
     affine = _sitk_geometry_to_ras(img.GetSpacing()[:3], img.GetOrigin()[:3], direction)
     return Volume(np.ascontiguousarray(data), affine)
@@ -214,8 +221,8 @@ def write_volume(path: str | Path, volume: Volume) -> Path:
     if suffix in NIFTI_SUFFIXES:
         with atomic_path(path) as tmp:
             _write_nibabel(tmp, Volume(data, volume.affine))
-    elif suffix == ".mhd":
-        _write_mhd(path, Volume(data, volume.affine))
+    elif suffix in (".mhd", ".nhdr"):  # a header plus a separate data file
+        _write_detached(path, Volume(data, volume.affine), compress=suffix == ".nhdr")
     elif suffix in ITK_SUFFIXES:
         with atomic_path(path) as tmp:
             _write_sitk(tmp, Volume(data, volume.affine))
@@ -260,15 +267,16 @@ def _write_sitk(path: Path, volume: Volume) -> None:
     sitk.WriteImage(_to_sitk(volume), str(path), useCompression=True)
 
 
-def _write_mhd(path: Path, volume: Volume) -> None:
-    """MetaImage header + raw data: write both in a temp folder, then move data first, header last."""
+def _write_detached(path: Path, volume: Volume, compress: bool) -> None:
+    """Header + separate data file (MetaImage .mhd/.raw, NRRD .nhdr/.raw.gz): write both in a temp folder
+    under their final names (the header refers to the data file by name), then move data first, header last."""
     import SimpleITK as sitk
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        sitk.WriteImage(_to_sitk(volume), str(tmpdir / path.name), useCompression=False)
-        for produced in sorted(tmpdir.iterdir(), key=lambda p: p.suffix == ".mhd"):
+        sitk.WriteImage(_to_sitk(volume), str(tmpdir / path.name), useCompression=compress)
+        for produced in sorted(tmpdir.iterdir(), key=lambda p: p.name == path.name):
             produced.replace(path.parent / produced.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -92,7 +92,7 @@ def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase]
 
     from pipeline.losses import build_loss
     from pipeline.model.factory import build_model
-    from pipeline.model.prior_init import find_head_conv, init_prior_bias
+    from pipeline.model.prior_init import init_prior_bias
     from pipeline.training.validate import validate
 
     tc = cfg.train
@@ -110,7 +110,7 @@ def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase]
 
     model = build_model(tc.model, plan, in_channels, n_classes)
     if tc.model.prior_init:
-        init_prior_bias(find_head_conv(model), tc.model.prior_probability, tc.loss.mode, n_classes, lesion_labels)
+        init_prior_bias(model, tc.model.prior_probability, tc.loss.mode, n_classes, lesion_labels)
     model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)

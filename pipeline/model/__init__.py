@@ -1,0 +1,1 @@
+"""3D U-Net factory and head initialisation."""

@@ -1,0 +1,51 @@
+"""Experiment tracking with MLflow: the only package that imports mlflow (lazily, inside functions).
+
+Typical stage use (train)::
+
+    tracker = create_tracker(cfg.tracking)          # resolves + checks the store before any work
+    parent = tracker.parent_run(pipeline_key)       # one parent run per pipeline execution
+    with tracker.start("train", parent_run_id=parent, tags=lineage_tags(data_dir)) as run:
+        run.log_params(cfg.flat())
+        run.log_metrics({"train/loss": loss}, step=epoch)
+        run.log_torch_model(model, example, cfg.tracking.registered_model)
+        write_run_ref(ref_path, run.run_ref())
+
+See :mod:`pipeline.tracking.mlflow_tracker` for run status rules and :mod:`pipeline.tracking.lineage` for
+the tag names.
+"""
+
+from pipeline.tracking.lineage import lineage_tags
+from pipeline.tracking.mlflow_tracker import (
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    create_tracker,
+    distributed_rank,
+    flat_params,
+    param_value,
+    read_run_ref,
+    write_run_ref,
+)
+from pipeline.tracking.store import (
+    TrackingUnavailable,
+    check_reachable,
+    local_store_uri,
+    resolve_tracking_uri,
+)
+
+__all__ = [
+    "MlflowTracker",
+    "NullTracker",
+    "Tracker",
+    "TrackingUnavailable",
+    "check_reachable",
+    "create_tracker",
+    "distributed_rank",
+    "flat_params",
+    "lineage_tags",
+    "local_store_uri",
+    "param_value",
+    "read_run_ref",
+    "resolve_tracking_uri",
+    "write_run_ref",
+]

@@ -1,0 +1,242 @@
+"""pipeline/cli.py, run as users run it: ``python -m pipeline <command>`` in a subprocess.
+
+Exit codes: 0 ok, 1 error, 2 bad usage / invalid config, 3 invalid data. Every command runs in an empty
+temporary working directory, so nothing is written into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BAD_INPUTS = [
+    "truncated_nii_gz",
+    "not_an_image",
+    "image_2d",
+    "label_grid_mismatch",
+    "undeclared_label",
+    "nan_voxel",
+    "missing_file",
+    "empty_training",
+    "invalid_json",
+    "path_escape",
+]
+SMALL = ["--set", "data.synthetic.n_cases=3", "--set", "data.synthetic.shape=[32,32,12]"]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _commands() -> list[str]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return sorted(sub.choices)
+
+
+def test_every_issue_command_exists():
+    assert {"synth-data", "check-data", "prepare-data", "preprocess", "train", "predict", "evaluate"} <= set(
+        _commands()
+    )
+
+
+def test_top_level_help(workdir):
+    result = run_cli("--help", cwd=workdir)
+    assert result.returncode == 0
+    for command in _commands():
+        assert command in result.stdout
+    assert "Exit codes" in result.stdout
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_help_for_every_command(workdir, command):
+    result = run_cli(command, "--help", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"usage: python -m pipeline {command}" in result.stdout
+    assert "--set KEY=VALUE" in result.stdout and "--params" in result.stdout
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [[], ["no-such-command"], ["check-data", "--no-such-option"]])
+def test_bad_usage_exits_2(workdir, args):
+    assert run_cli(*args, cwd=workdir).returncode == 2
+
+
+# ----------------------------------------------------------------------------------------------- check-data
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_check_data_on_a_bad_input_exits_3_naming_the_file_and_writes_nothing(bad_msd_dataset, workdir, kind):
+    bad = bad_msd_dataset(kind)
+    before = _snapshot(bad.root.parent)
+    result = run_cli("check-data", "--dataset", str(bad.root), "-q", cwd=workdir)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("data error:\n")
+    lines = [line for line in result.stderr.splitlines() if str(bad.file) in line]
+    assert lines, result.stderr
+    assert any(re.search(bad.problem, line) for line in lines), result.stderr
+    if bad.case_id:
+        assert any(f"case {bad.case_id}" in line for line in lines)
+    assert list(workdir.iterdir()) == []
+    assert _snapshot(bad.root.parent) == before
+
+
+def test_check_data_on_a_valid_dataset(tiny_msd_dataset, workdir):
+    root = tiny_msd_dataset(n_cases=3)
+    result = run_cli("check-data", "--dataset", str(root), "-q", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"OK: {root / 'dataset.json'}: 3 training case(s) (2 with lesions)")
+    assert list(workdir.iterdir()) == []
+
+
+def test_check_data_dataset_from_set_overrides(tiny_msd_dataset, workdir):
+    root = tiny_msd_dataset(n_cases=2)
+    result = run_cli(
+        "check-data", "--set", "data.source=msd", "--set", f"data.dataset={root}", "-q", cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 training case(s)" in result.stdout
+
+
+def test_check_data_on_a_csv_manifest(tiny_msd_dataset, workdir):
+    root = tiny_msd_dataset(n_cases=2)
+    manifest = root / "cases.csv"
+    manifest.write_text(
+        "case_id,image,label\n"
+        "a,imagesTr/case_000.nii.gz,labelsTr/case_000.nii.gz\n"
+        "b,imagesTr/case_001.nii.gz,labelsTr/case_001.nii.gz\n"
+    )
+    # a CSV declares no labels: without data.labels it is a data error naming the manifest
+    result = run_cli("check-data", "--dataset", str(manifest), "-q", cwd=workdir)
+    assert result.returncode == 3 and f"{manifest}: a CSV data set needs declared labels" in result.stderr
+    result = run_cli(
+        "check-data",
+        "--dataset",
+        str(manifest),
+        "--set",
+        "data.labels={0: bg, 1: organ, 2: lesion}",
+        "-q",
+        cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 training case(s) (1 with lesions)" in result.stdout
+
+
+def test_check_data_lists_every_problem(bad_msd_dataset, workdir, make_case_arrays, oblique_affine):
+    from pipeline.io.formats import write_volume
+    from pipeline.io.volume import Volume
+
+    bad = bad_msd_dataset("nan_voxel")  # case_001's image
+    _, label = make_case_arrays((16, 16, 16), lesion=True, seed=0)
+    label[0, 0, 0] = 9
+    write_volume(bad.root / "labelsTr" / "case_000.nii.gz", Volume(label[None], oblique_affine))
+    result = run_cli("check-data", "--dataset", str(bad.root), "-q", cwd=workdir)
+    assert result.returncode == 3
+    assert "2 problem(s) in the data set" in result.stderr
+    assert f"case case_000: {bad.root / 'labelsTr' / 'case_000.nii.gz'}: label value(s) [9]" in result.stderr
+    assert f"case case_001: {bad.file}: 1 NaN/Inf voxel(s)" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------- config errors
+
+
+def test_invalid_override_exits_2_naming_the_key_path(tiny_msd_dataset, workdir):
+    root = tiny_msd_dataset(n_cases=2)
+    result = run_cli("check-data", "--dataset", str(root), "--set", "train.loss.gamma=-1", "-q", cwd=workdir)
+    assert result.returncode == 2
+    assert "train.loss.gamma: Input should be greater than or equal to 0" in result.stderr
+    result = run_cli("synth-data", "--set", "data.synthetic.n_casez=3", "-q", cwd=workdir)
+    assert (
+        result.returncode == 2 and "data.synthetic.n_casez: Extra inputs are not permitted" in result.stderr
+    )
+    assert list(workdir.iterdir()) == []
+
+
+def test_invalid_params_file_exits_2_naming_file_and_key_path(workdir):
+    params = workdir.parent / "params.yaml"
+    params.write_text("train:\n  epochs: many\n  loss: {gamma: 2.0, focal: 1}\n")
+    result = run_cli("synth-data", "--params", str(params), "-q", cwd=workdir)
+    assert result.returncode == 2
+    assert f"{params}: train.epochs: Input should be a valid integer" in result.stderr
+    assert f"{params}: train.loss.focal: Extra inputs are not permitted" in result.stderr
+    missing = run_cli("synth-data", "--params", str(workdir.parent / "nope.yaml"), "-q", cwd=workdir)
+    assert missing.returncode == 2 and "nope.yaml: config file not found" in missing.stderr
+    assert list(workdir.iterdir()) == []
+
+
+def test_repository_params_file_loads_from_the_cli(workdir):
+    # the default --params is configs/params.yaml relative to the working directory: use the repository's
+    result = run_cli(
+        "check-data",
+        "--params",
+        str(REPO_ROOT / "configs" / "params.yaml"),
+        "--set",
+        f"paths.raw={workdir.parent / 'absent'}",
+        "-q",
+        cwd=workdir,
+    )
+    assert result.returncode == 3 and "dataset.json not found" in result.stderr  # config fine, no data yet
+
+
+# ----------------------------------------------------------------------------------------------- data stages
+
+
+def test_synth_data_twice_gives_byte_identical_files(workdir):
+    outputs = []
+    for name in ("a", "b"):
+        out = workdir.parent / name
+        result = run_cli("synth-data", *SMALL, "--output", str(out), "-q", cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        outputs.append(
+            {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        )
+    assert len(outputs[0]) == 7  # dataset.json + 3 images + 3 labels: the --set overrides took effect
+    assert outputs[0] == outputs[1]
+    meta = json.loads(outputs[0]["dataset.json"])
+    assert meta["synthetic_config"]["shape"] == [32, 32, 12] and meta["numTraining"] == 3
+    assert list(workdir.iterdir()) == []
+
+
+def test_prepare_data_writes_the_dataset_and_splits(workdir):
+    result = run_cli("prepare-data", *SMALL, "-q", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    splits = json.loads((workdir / "data" / "splits.json").read_text())  # paths.splits, relative to the cwd
+    ids = [f"synth_{i:03d}" for i in range(3)]
+    assert sorted(splits["train"] + splits["val"] + splits["test"]) == ids
+    assert all(splits[k] for k in ("train", "val", "test"))
+    assert set(splits["test"]).isdisjoint(splits["train"] + splits["val"])
+    assert sorted(p.name for p in (workdir / "data" / "raw" / "imagesTr").iterdir()) == [
+        f"{i}.nii.gz" for i in ids
+    ]
+    # the raw data set it wrote passes check-data
+    check = run_cli("check-data", "-q", cwd=workdir)
+    assert check.returncode == 0, check.stderr

@@ -1,0 +1,226 @@
+"""A tiny tracked pipeline against a real ``mlflow server`` (SQLite backend) on a free loopback port.
+
+The server runs with one worker and no job runner (3 processes instead of ~17) in its own process group,
+which is stopped as a whole; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config, TrackingConfig
+from pipeline.tracking import create_tracker, flat_params, lineage_tags, read_run_ref, write_run_ref
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = root / "server.log"
+    env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    cmd = [
+        str(mlflow_cli) if mlflow_cli.exists() else sys.executable,
+        *([] if mlflow_cli.exists() else ["-m", "mlflow"]),
+        "server",
+        "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination", str(root / "server-artifacts"),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text()[-3000:]
+                pytest.fail(f"mlflow server did not start (rc={proc.poll()}):\n{tail}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    pgid = proc.pid  # start_new_session: the server leads its own process group
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; make sure no worker of its group survives it
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _tiny_unet():
+    import torch
+
+    class TinyUNet(torch.nn.Module):
+        """(N, 1, X, Y, Z) -> (N, 2, X, Y, Z); X, Y, Z even."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = torch.nn.Conv3d(1, 4, 3, padding=1)
+            self.down = torch.nn.Conv3d(4, 8, 3, stride=2, padding=1)
+            self.up = torch.nn.ConvTranspose3d(8, 4, 2, stride=2)
+            self.head = torch.nn.Conv3d(8, 2, 1)
+
+        def forward(self, x):
+            e = torch.relu(self.enc(x))
+            u = self.up(torch.relu(self.down(e)))
+            return self.head(torch.cat([e, u], dim=1))
+
+    torch.manual_seed(0)
+    return TinyUNet()
+
+
+def test_tracked_pipeline_against_a_real_server(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    import torch
+
+    # bound the client's waits too (its default retries last minutes)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+    with mlflow_server(tmp_path) as url:
+        cfg = Config(tracking=TrackingConfig(tracking_uri=url, experiment="it", registered_model="tiny-unet"))
+        (work / "params.yaml").write_text("seed: 0\n")
+        (work / "plan.json").write_text('{"patch_size": [16, 16, 16]}')
+        (work / "fingerprint.json").write_text('{"median_spacing_mm": [0.8, 0.8, 2.5]}')
+
+        # --- train stage ---
+        tracker = create_tracker(cfg.tracking)
+        assert tracker.uri == url
+        parent = tracker.parent_run("deadbeef-0001")
+        model = _tiny_unet()
+        with tracker.start("train", parent_run_id=parent, tags=lineage_tags(None, device="cpu")) as run:
+            run.log_params(cfg.flat())
+            for epoch, loss in enumerate([0.8, 0.4]):
+                run.log_metrics({"train/loss": loss, "val/dice": 1 - loss}, step=epoch)
+            run.log_metrics({"best/val_dice": 0.6})
+            for name in ("params.yaml", "plan.json", "fingerprint.json"):
+                run.log_artifact(work / name, artifact_path="config" if name == "params.yaml" else "plan")
+            fig, ax = plt.subplots()
+            ax.plot([0.8, 0.4])
+            run.log_figure(fig, "plots/training_curves.png")
+            plt.close(fig)
+            model_info = run.log_torch_model(
+                model, np.random.rand(1, 1, 16, 16, 16).astype(np.float32), cfg.tracking.registered_model
+            )
+            write_run_ref(work / "run.json", {**run.run_ref(), "model": model_info})
+        train_id = read_run_ref(work / "run.json")["run_id"]
+
+        # --- evaluate stage (a separate process under DVC: a new tracker and the run reference) ---
+        ref = read_run_ref(work / "run.json")
+        (work / "lesions.csv").write_text("case,lesion,hit,score\nc0,1,1,0.9\n")
+        evaluator = create_tracker(cfg.tracking)
+        tags = {"train_run_id": train_id}
+        with evaluator.start("evaluate", parent_run_id=ref["parent_run_id"], tags=tags) as run:
+            run.log_metrics({"froc/cpm": 0.7, "froc/sens_at_1fp": 0.8})
+            run.log_artifact(work / "lesions.csv")
+            run.log_dict({"cpm": 0.7}, "metrics.json")
+            fig, ax = plt.subplots()
+            ax.plot([0.125, 8], [0.5, 0.9])
+            run.log_figure(fig, "plots/froc.png")
+            plt.close(fig)
+            eval_id = run.run_id
+
+        # --- checks through the MLflow client, against the server ---
+        client = mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
+        train = client.get_run(train_id)
+        assert train.info.status == "FINISHED"
+        assert train.data.params == flat_params(cfg.flat())
+        assert train.data.tags["mlflow.parentRunId"] == parent
+        assert train.data.tags["device"] == "cpu"
+        assert train.data.tags["version.mlflow"] == mlflow.__version__
+        history = sorted(client.get_metric_history(train_id, "train/loss"), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in history] == [(0, 0.8), (1, 0.4)]
+        assert train.data.metrics["best/val_dice"] == 0.6
+        assert {a.path for a in client.list_artifacts(train_id)} >= {"config", "plan", "plots"}
+        plan = {a.path for a in client.list_artifacts(train_id, "plan")}
+        assert plan == {"plan/plan.json", "plan/fingerprint.json"}
+
+        evaluate = client.get_run(eval_id)
+        assert evaluate.info.status == "FINISHED"
+        assert evaluate.data.tags["mlflow.parentRunId"] == parent
+        assert evaluate.data.metrics == {"froc/cpm": 0.7, "froc/sens_at_1fp": 0.8}
+        assert {a.path for a in client.list_artifacts(eval_id)} == {"lesions.csv", "metrics.json", "plots"}
+        local = client.download_artifacts(eval_id, "lesions.csv", str(tmp_path))
+        assert Path(local).read_text().startswith("case,lesion")
+
+        assert client.get_run(parent).info.status == "FINISHED"
+        assert tracker.parent_run("deadbeef-0001") == parent  # same key -> same parent
+
+        # the model: logged with a signature and example, registered, loadable with free spatial dims
+        assert model_info["serialization_format"] == "pt2"
+        assert model_info["registered_model_version"] == 1
+        version = client.get_model_version("tiny-unet", "1")
+        assert version.run_id == train_id
+        logged = mlflow.get_logged_model(model_info["model_id"])
+        assert logged.source_run_id == train_id
+        mlflow.set_tracking_uri(url)
+        mlflow.set_registry_uri(url)
+        mlmodel = mlflow.models.get_model_info("models:/tiny-unet/1")
+        assert mlmodel.signature is not None
+        assert mlmodel.signature.inputs.inputs[0].shape == (-1, 1, -1, -1, -1)
+        assert mlmodel.saved_input_example_info is not None
+        loaded = mlflow.pytorch.load_model("models:/tiny-unet/1")
+        x = torch.rand(3, 1, 8, 16, 12)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model.eval()(x))
