@@ -180,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose:  # debug output of our own code only, not of matplotlib, mlflow, ...
+        logging.getLogger("pipeline").setLevel(logging.DEBUG)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,8 +114,8 @@ def predict_volume(loaded: LoadedModel, image: Volume, inference: InferenceConfi
     class_probs = back.data.astype(np.float32, copy=False)
     lesion = lesion_probability(torch.from_numpy(class_probs), loaded.lesion_labels, mode).numpy()
     labels = class_probs.argmax(0).astype(np.uint8)
-    threshold = (loaded.operating_point or {}).get("threshold", 0.0)
-    threshold = 0.0 if not np.isfinite(threshold) else float(threshold)
+    threshold = (loaded.operating_point or {}).get("threshold")
+    threshold = 0.0 if threshold is None or not np.isfinite(threshold) else float(threshold)
     voxel_mm3 = float(np.prod(image.spacing))
     labels = postprocess_labels(labels, class_probs, lesion, loaded.lesion_labels, voxel_mm3,
                                 inference.min_component_mm3, threshold)

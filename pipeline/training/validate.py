@@ -58,6 +58,8 @@ def validate(model: nn.Module, cases: list[PreprocessedCase], plan: dict[str, An
     for rate, sens in zip(ev.fp_rates, sensitivity_at(curve, ev.fp_rates), strict=True):
         metrics[f"sens_at_{rate:g}fp"] = float(np.nan_to_num(sens))
     op = operating_points(curve, [ev.operating_fp_rate])[0]
-    operating_point = {"target_fp_rate": op.target_fp_rate, "threshold": op.threshold,
+    # threshold None: no candidate at all on validation (then predict applies no score filter)
+    threshold = op.threshold if np.isfinite(op.threshold) else None
+    operating_point = {"target_fp_rate": op.target_fp_rate, "threshold": threshold,
                        "sensitivity": float(np.nan_to_num(op.sensitivity)), "fps_per_scan": op.fps_per_scan}
     return ValidationResult(metrics, operating_point)
