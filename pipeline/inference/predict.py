@@ -95,9 +95,18 @@ def postprocess_labels(labels: np.ndarray, probs: np.ndarray, lesion_prob: np.nd
     return labels
 
 
+@dataclass
+class Prediction:
+    """One scan's prediction, every Volume in the input scan's exact geometry."""
+
+    lesion_probability: Volume  # (1, X, Y, Z) float32: any lesion class
+    labels: Volume  # (1, X, Y, Z) uint8, post-processed
+    class_probabilities: Volume  # (K, X, Y, Z) float32
+
+
 def predict_volume(loaded: LoadedModel, image: Volume, inference: InferenceConfig,
-                   progress: bool = False) -> tuple[Volume, Volume]:
-    """(lesion probability float32 (1, X, Y, Z), label map uint8 (1, X, Y, Z)) in ``image``'s geometry."""
+                   progress: bool = False) -> Prediction:
+    """Predict one scan; see :class:`Prediction`."""
     from pipeline.preprocessing.transform import invert_case, preprocess_case
 
     plan, mode = loaded.plan, loaded.cfg.train.loss.mode
@@ -119,7 +128,8 @@ def predict_volume(loaded: LoadedModel, image: Volume, inference: InferenceConfi
     voxel_mm3 = float(np.prod(image.spacing))
     labels = postprocess_labels(labels, class_probs, lesion, loaded.lesion_labels, voxel_mm3,
                                 inference.min_component_mm3, threshold)
-    return Volume(lesion[None].astype(np.float32), image.affine), Volume(labels[None], image.affine)
+    return Prediction(Volume(lesion[None].astype(np.float32), image.affine), Volume(labels[None], image.affine),
+                      Volume(class_probs, image.affine))
 
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -174,9 +184,9 @@ def predict_paths(cfg: Config, model_path: Path, input_path: Path, output_dir: P
     written = []
     for name, files in tqdm(cases, desc="predict", unit="scan", disable=not progress):
         image = _read_channels(files)
-        prob, labels = predict_volume(loaded, image, cfg.inference)
+        pred = predict_volume(loaded, image, cfg.inference)
         suffix = output_suffix(files[0], output_format)
-        written.append(write_volume(output_dir / "probabilities" / f"{name}{suffix}", prob))
-        write_volume(output_dir / "labels" / f"{name}{suffix}", labels)
+        written.append(write_volume(output_dir / "probabilities" / f"{name}{suffix}", pred.lesion_probability))
+        write_volume(output_dir / "labels" / f"{name}{suffix}", pred.labels)
         log.info("%s -> %s", files[0], written[-1])
     return written

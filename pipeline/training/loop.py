@@ -180,12 +180,12 @@ def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase]
                 nn.utils.clip_grad_norm_(model.parameters(), tc.optim.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            sums["loss"] += float(total)
-            sums["focal"] += float(focal)
-            sums["dice_loss"] += float(dice)
+            sums["loss"] += float(total.detach())
+            sums["focal"] += float(focal.detach())
+            sums["dice_loss"] += float(dice.detach())
             t_ready = time.perf_counter()
             compute += t_ready - t_got
-            bar.set_postfix(loss=f"{float(total):.4f}")
+            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}")
             steps_done += 1
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 raise KeyboardInterrupt(f"stopped after {steps_done} steps (test hook)")

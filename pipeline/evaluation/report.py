@@ -1,0 +1,132 @@
+"""Evaluation outputs, each written atomically: ``metrics.json``, ``froc.csv``, ``lesions.csv``, ``froc.png``.
+
+* ``froc.csv``: ``threshold,fps_per_scan,sensitivity``, one row per FROC vertex (first row threshold
+  ``inf``), for ``dvc plots``.
+* ``lesions.csv``: one row per GT lesion (``kind=lesion``; outcome ``hit`` / ``missed``; ``matched_id``
+  = the best hitting candidate) and per kept candidate (``kind=candidate``; outcome ``tp`` / ``fp`` /
+  ``ignored``; ``matched_id`` = the lesions it hits, ``;``-separated). Centroids are world (RAS) mm,
+  volumes mm^3, diameters the equivalent-sphere diameter in mm, size bucket from that diameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.evaluation.froc import size_bucket, size_bucket_names
+from pipeline.evaluation.lesions import CANDIDATE_OUTCOMES, CaseMatch
+from pipeline.io.atomic import atomic_path, write_json, write_text
+
+if TYPE_CHECKING:
+    from pipeline.evaluation.evaluate import EvaluationResult
+
+LESION_COLUMNS = ["scan", "kind", "id", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "voxels",
+                  "volume_mm3", "diameter_mm", "score", "outcome", "matched_id", "iou", "size_bucket"]
+
+
+def froc_csv_text(result: EvaluationResult) -> str:
+    """``threshold,fps_per_scan,sensitivity`` rows of the FROC curve."""
+    c = result.curve
+    lines = ["threshold,fps_per_scan,sensitivity"]
+    lines += [f"{t!r},{f!r},{s!r}" for t, f, s in
+              zip(c.thresholds.tolist(), c.fps_per_scan.tolist(), c.sensitivity.tolist())]
+    return "\n".join(lines) + "\n"
+
+
+def _case_rows(case: CaseMatch, edges: tuple[float, ...]) -> dict[str, np.ndarray]:
+    les, cand = case.lesions, case.candidates
+    m, n = len(les), len(cand)
+    names = np.asarray(size_bucket_names(edges))
+    hits_of: dict[int, list[str]] = {}
+    for c, g in case.pairs.tolist():
+        hits_of.setdefault(c, []).append(str(g))
+    cand_iou = np.zeros(n)
+    for (c, _g), v in zip(case.pairs.tolist(), case.pair_iou.tolist()):
+        cand_iou[c - 1] = max(cand_iou[c - 1], v)
+    lesion_matched = np.where(case.lesion_match > 0, case.lesion_match.astype(str), "")
+    cand_outcome = np.array([CANDIDATE_OUTCOMES[int(o)] for o in case.candidate_outcome], dtype=object)
+    return {
+        "scan": np.full(m + n, case.scan, dtype=object),
+        "kind": np.array(["lesion"] * m + ["candidate"] * n, dtype=object),
+        "id": np.r_[np.arange(1, m + 1), np.arange(1, n + 1)],
+        "centroid_x_mm": np.r_[les.centroid_mm[:, 0], cand.centroid_mm[:, 0]],
+        "centroid_y_mm": np.r_[les.centroid_mm[:, 1], cand.centroid_mm[:, 1]],
+        "centroid_z_mm": np.r_[les.centroid_mm[:, 2], cand.centroid_mm[:, 2]],
+        "voxels": np.r_[les.voxels, cand.voxels],
+        "volume_mm3": np.r_[les.volume_mm3, cand.volume_mm3],
+        "diameter_mm": np.r_[les.diameter_mm, cand.diameter_mm],
+        "score": np.r_[case.lesion_score, cand.score],
+        "outcome": np.r_[np.where(np.isnan(case.lesion_score), "missed", "hit").astype(object),
+                         cand_outcome],
+        "matched_id": np.r_[lesion_matched.astype(object),
+                            np.array([";".join(hits_of.get(i, [])) for i in range(1, n + 1)], dtype=object)],
+        "iou": np.r_[case.lesion_iou, cand_iou],
+        "size_bucket": names[size_bucket(np.r_[les.diameter_mm, cand.diameter_mm], edges)],
+    }
+
+
+def write_lesions_csv(path: Path, cases: list[CaseMatch], size_buckets_mm: tuple[float, ...]) -> None:
+    """One row per GT lesion and per candidate (see the module docstring)."""
+    import pandas as pd
+
+    parts = [pd.DataFrame(_case_rows(c, tuple(size_buckets_mm)), columns=LESION_COLUMNS) for c in cases]
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=LESION_COLUMNS)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def plot_froc(path: Path, result: EvaluationResult) -> None:
+    """FROC curve (log FP axis) with the bootstrap 95% band, the CPM FP rates and the operating points."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    c = result.curve
+    rates = np.asarray(result.fp_rates)
+    lo_x, hi_x = rates[0] / 2, rates[-1] * 2
+    fig = Figure(figsize=(6, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if c.n_lesions:
+        # draw the polyline read by interpolation, clipped to the axis range and extended flat at the end
+        x = np.r_[c.fps_per_scan, max(hi_x, float(c.fps_per_scan[-1]))]
+        y = np.r_[c.sensitivity, c.sensitivity[-1]]
+        ax.plot(np.maximum(x, lo_x), y, color="C0", lw=1.8, label=f"FROC (CPM {result.cpm:.3f})")
+        if result.bootstrap is not None and result.bootstrap.grid_fps.size:
+            _, _, band = result.bootstrap.ci95()
+            if np.isfinite(band).any():
+                ax.fill_between(result.bootstrap.grid_fps, band[:, 0], band[:, 1], color="C0", alpha=0.2,
+                                lw=0, label="95% CI (bootstrap)")
+        ax.plot(rates, result.sensitivity_at_fp, "o", color="C0", ms=4)
+        ops = result.operating_points
+        ax.plot([max(o.fps_per_scan, lo_x) for o in ops], [o.sensitivity for o in ops], "s", mfc="none",
+                color="C3", ms=6, label="operating points")
+        op = result.operating_point
+        ax.plot([max(op.fps_per_scan, lo_x)], [op.sensitivity], "*", color="C3", ms=11,
+                label=f"chosen: {op.target_fp_rate:g} FP/scan, t={op.threshold:.3g}")
+    else:
+        ax.text(0.5, 0.5, "no lesions in the labels", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(lo_x, hi_x)
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(rates)
+    ax.set_xticklabels([f"{r:g}" for r in rates])
+    ax.set_xlabel("average false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"{c.n_lesions} lesions, {c.n_scans} scans")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def write_report(output: Path, result: EvaluationResult, metrics: dict[str, Any] | None = None) -> None:
+    """Write ``metrics.json``, ``froc.csv``, ``lesions.csv`` and ``froc.png`` into ``output``."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_text(output / "froc.csv", froc_csv_text(result))
+    write_lesions_csv(output / "lesions.csv", result.cases, tuple(result.settings.get("size_buckets_mm", ())))
+    plot_froc(output / "froc.png", result)
+    write_json(output / "metrics.json", metrics if metrics is not None else result.to_metrics())
