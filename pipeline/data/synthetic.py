@@ -59,16 +59,17 @@ def generate_case(cfg: SyntheticConfig, index: int) -> tuple[Volume, Volume, lis
 
     lung_top = extent[2] * rng.uniform(0.05, 0.25)
     for side in (-1, 1):
-        lung = _ellipsoid(grid, (side * body_r[0] * 0.45, -body_r[1] * 0.05, extent[2]),
+        lung = _ellipsoid(grid, (side * body_r[0] * 0.45, body_r[1] * 0.05, extent[2]),
                           (body_r[0] * 0.3, body_r[1] * 0.6, extent[2] - lung_top + 10))
         image[(lung < 1) & (inner < 1)] = -850.0
 
-    spine_c = (0.0, body_r[1] * 0.62)
+    spine_c = (0.0, -body_r[1] * 0.62)  # posterior (-y in RAS)
     spine = (grid[0] - spine_c[0]) ** 2 + (grid[1] - spine_c[1]) ** 2 + 0 * grid[2]
     image[spine < 9.0 ** 2] = 1000.0  # cortical bone
     image[spine < 6.5 ** 2] = 300.0  # trabecular bone
 
-    liver_c = (-body_r[0] * 0.35 * jitter(0.1), -body_r[1] * 0.1 * jitter(0.2), -extent[2] * 0.15 * jitter(0.2))
+    # the liver on the patient's right (+x in RAS), slightly anterior
+    liver_c = (body_r[0] * 0.35 * jitter(0.1), body_r[1] * 0.1 * jitter(0.2), -extent[2] * 0.15 * jitter(0.2))
     liver_r = (body_r[0] * 0.42 * jitter(0.08), body_r[1] * 0.55 * jitter(0.08), extent[2] * 0.55 * jitter(0.08))
     liver_d = _ellipsoid(grid, liver_c, liver_r)
     liver = (liver_d < 1) & (inner < 1)

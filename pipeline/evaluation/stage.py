@@ -128,8 +128,6 @@ def run_evaluation_stage(cfg: Config, progress: bool = True) -> dict[str, Any]:
 
 def _export_views(cfg: Config, ds, test_ids: list[str], out: Path) -> None:
     """Static PNGs of every missed lesion and the top false positives (for users who skip the notebook)."""
-    try:
-        from pipeline.inspection.export import export_lesion_views
-    except ImportError:  # the inspection package is optional at this stage
-        return
+    from pipeline.inspection.export import export_lesion_views
+
     export_lesion_views(cfg, ds, test_ids, out, out / "lesion_views")

@@ -14,6 +14,7 @@ See :mod:`pipeline.tracking.mlflow_tracker` for run status rules and :mod:`pipel
 the tag names.
 """
 
+from pipeline.tracking.artifacts import RunNotFound, download_run_artifacts, get_run, latest_run, store_uri
 from pipeline.tracking.lineage import lineage_tags
 from pipeline.tracking.mlflow_tracker import (
     MlflowTracker,
@@ -36,16 +37,21 @@ from pipeline.tracking.store import (
 __all__ = [
     "MlflowTracker",
     "NullTracker",
+    "RunNotFound",
     "Tracker",
     "TrackingUnavailable",
     "check_reachable",
     "create_tracker",
     "distributed_rank",
+    "download_run_artifacts",
     "flat_params",
+    "get_run",
+    "latest_run",
     "lineage_tags",
     "local_store_uri",
     "param_value",
     "read_run_ref",
     "resolve_tracking_uri",
+    "store_uri",
     "write_run_ref",
 ]

@@ -26,6 +26,7 @@ from pipeline.config import Config
 from pipeline.training.checkpoint import check_resume_compatible, load_checkpoint, save_checkpoint
 from pipeline.training.data import PatchBatches, PreprocessedCase, make_loader
 from pipeline.training.distributed import DistInfo, barrier
+from pipeline.training.report import write_history_csv
 from pipeline.training.schedule import learning_rate
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase]
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it to `device`
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
         best_key, best_epoch = tuple(state["best_key"]), int(state["best_epoch"])
         best_metrics, operating_point = dict(state["best_metrics"]), state.get("operating_point")
@@ -211,13 +212,16 @@ def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase]
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
             if log_metrics:
                 log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, epoch + 1)
+            write_history_csv(out_dir / "train_log.csv", history)  # live progress for `dvc plots` / tail
             if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs:
                 _save(last_path, model, optimizer, scaler, epoch, history, cfg, plan, best_key, best_epoch,
                       best_metrics, operating_point)
         barrier(dist_info)
 
-    if dist_info.is_main and not best_path.exists():  # no validation scans: the last model is the best
-        _save(best_path, model, optimizer, scaler, tc.epochs - 1, history, cfg, plan, best_key, tc.epochs,
+    # no validation scans: the last model is the best (overwrite: a best.pt left by an earlier run is stale)
+    if dist_info.is_main and (not val_cases or not best_path.exists()):
+        best_epoch = tc.epochs
+        _save(best_path, model, optimizer, scaler, tc.epochs - 1, history, cfg, plan, best_key, best_epoch,
               best_metrics, operating_point)
     return TrainResult(best_epoch, best_metrics, history, operating_point)
 
