@@ -20,6 +20,10 @@ FORMAT_VERSION = 1
 RESUME_SECTIONS = ("seed", "preprocess", "train", "data.lesion_labels", "data.label_remap")
 
 
+# settings that do not change the trained weights (tested: batches do not depend on the worker count)
+RESUME_FREE = {"train.epochs", "train.num_workers", "train.device", "train.cache", "train.checkpoint_every"}
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or from another config or code version."""
 
@@ -59,7 +63,7 @@ def config_fingerprint(flat_config: dict[str, Any]) -> str:
 def check_resume_compatible(path: Path, saved_flat: dict[str, Any], current_flat: dict[str, Any]) -> None:
     """Fail with the differing keys when the checkpoint was trained with another config."""
     old, new = _select(saved_flat), _select(current_flat)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "train.epochs")
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE)
     if diff:
         lines = [f"  {k}: checkpoint {old.get(k)!r} != config {new.get(k)!r}" for k in diff[:20]]
         raise CheckpointError(f"{path}: checkpoint was written with a different config; cannot resume:\n"

@@ -116,8 +116,10 @@ class PatchBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        # the DataLoader takes one batch from each worker in turn, starting with worker 0: worker w
+        # must own steps first_step + w, first_step + w + nw, ... for the batches to arrive in step order
         for step in range(self.first_step, self.steps):
-            if step % nw == wid:
+            if (step - self.first_step) % nw == wid:
                 yield self.make_batch(step)
 
 

@@ -1,0 +1,1 @@
+"""Tests of pipeline/training (and its benchmark fixtures)."""
