@@ -180,7 +180,7 @@ class LossConfig(_Section):
 class SamplingConfig(_Section):
     lesion_fraction: float = Field(1 / 3, ge=0, le=1)  # share of patches centred on a lesion
     lesion_weighting: Literal["uniform", "volume", "sqrt_volume"] = "uniform"  # choice among lesions
-    patches_per_scan: int = Field(2, ge=1)
+    class_balance: bool = True  # several lesion classes: each class present equally often, then a lesion
 
 
 class AugmentConfig(_Section):

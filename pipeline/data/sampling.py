@@ -5,6 +5,10 @@ nnU-Net and MONAI oversample foreground by picking a random *voxel* of the class
 (a 26-connected component of the lesion classes, over the whole training set) first, uniformly or
 weighted by a size rule, then a voxel inside it; small lesions are seen as often as big ones.
 
+With several lesion classes (``class_balance``), a lesion class is chosen first, uniformly among the
+classes present in the training set, then a lesion of that class: a rare class with few lesions is
+sampled as often as a common one.
+
 A batch of ``B`` patches holds ``floor(f * B)`` lesion-centred patches plus one more with probability
 ``frac(f * B)``, so the expected share is exactly ``f`` (nnU-Net rounds per batch, which turns 1/3 into 1/2
 at batch size 2). The other patches are centred on a uniformly random voxel of a uniformly random case.
@@ -25,6 +29,7 @@ class LesionIndex:
     shape: tuple[int, int, int]
     voxels: np.ndarray  # (V,) int64 flat indices, sorted by component
     starts: np.ndarray  # (n + 1,) offsets of each component in ``voxels``
+    classes: np.ndarray | None = None  # (n,) label value of each component
 
     @property
     def sizes(self) -> np.ndarray:
@@ -37,14 +42,19 @@ class LesionIndex:
 
 
 def index_lesions(label: np.ndarray, lesion_labels) -> LesionIndex:
-    """26-connected components of ``label`` in ``lesion_labels``, in one pass (no per-lesion volume ops)."""
-    mask = np.isin(label, list(lesion_labels))
-    components = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=26).ravel()
+    """26-connected components of each lesion class of ``label``, in one pass (no per-lesion volume ops).
+
+    Touching voxels of two different lesion classes form two components (cc3d labels each value apart).
+    """
+    lesion_only = np.where(np.isin(label, list(lesion_labels)), label, 0)
+    components = cc3d.connected_components(np.ascontiguousarray(lesion_only), connectivity=26).ravel()
     voxels = np.flatnonzero(components)
     order = np.argsort(components[voxels], kind="stable")
     voxels = voxels[order].astype(np.int64)
     sizes = np.bincount(components[voxels])[1:] if voxels.size else np.zeros(0, np.int64)
-    return LesionIndex(tuple(label.shape), voxels, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    classes = lesion_only.ravel()[voxels[starts[:-1]]].astype(np.int64) if sizes.size else np.zeros(0, np.int64)
+    return LesionIndex(tuple(label.shape), voxels, starts, classes)
 
 
 def lesion_weights(sizes: np.ndarray, rule: str) -> np.ndarray:
@@ -66,7 +76,7 @@ class PatchSampler:
     """Chooses patch centres over a set of scans. Pure given its ``numpy.random.Generator``."""
 
     def __init__(self, shapes: list[tuple[int, int, int]], indices: list[LesionIndex], lesion_fraction: float,
-                 weighting: str = "uniform"):
+                 weighting: str = "uniform", class_balance: bool = True):
         self.shapes = shapes
         self.indices = indices
         self.lesion_fraction = lesion_fraction
@@ -74,6 +84,15 @@ class PatchSampler:
         self.table = np.array([(c, k) for c, idx in enumerate(indices) for k in range(idx.n_lesions)], dtype=np.int64)
         sizes = np.concatenate([idx.sizes for idx in indices]) if self.table.size else np.zeros(0)
         self.probs = lesion_weights(sizes, weighting) if self.table.size else np.zeros(0)
+        if class_balance and self.table.size:
+            classes = np.concatenate([idx.classes if idx.classes is not None else np.zeros(idx.n_lesions, np.int64)
+                                      for idx in indices])
+            present = np.unique(classes)
+            probs = np.zeros_like(self.probs)
+            for c in present:  # each class present gets 1/k, shared by its lesions by the weighting rule
+                members = classes == c
+                probs[members] = lesion_weights(sizes[members], weighting) / len(present)
+            self.probs = probs
 
     def n_lesion_patches(self, rng: np.random.Generator, batch_size: int) -> int:
         expected = self.lesion_fraction * batch_size

@@ -237,3 +237,30 @@ def test_crop_patch_keeps_label_dtype_and_pads_labels_with_background():
     out = crop_patch(label[None], start, stop, 0)
     assert out.dtype == np.uint8 and out.shape == (1, 5, 5, 5)
     assert int((out == 2).sum()) == 27 and int((out == 0).sum()) == 125 - 27
+
+
+def test_class_balance_gives_each_lesion_class_an_equal_share():
+    """Two lesions of class 1 and one of class 3: with class balance each class gets 1/2, so the single
+    class-3 lesion is drawn twice as often as each class-1 lesion; without it every lesion gets 1/3."""
+    lab = np.zeros((20, 20, 20), np.uint8)
+    lab[2:4, 2:4, 2:4] = 1
+    lab[10:12, 10:12, 10:12] = 1
+    lab[15:18, 15:18, 15:18] = 3
+    idx = index_lesions(lab, [1, 3])
+    assert idx.classes.tolist() == [1, 1, 3]
+    balanced = PatchSampler([lab.shape], [idx], 1.0, "uniform", class_balance=True)
+    assert np.allclose(balanced.probs, [0.25, 0.25, 0.5])
+    plain = PatchSampler([lab.shape], [idx], 1.0, "uniform", class_balance=False)
+    assert np.allclose(plain.probs, [1 / 3, 1 / 3, 1 / 3])
+    rng = np.random.default_rng(0)
+    draws = [lab[balanced.lesion_centre(rng)[1]] for _ in range(4000)]
+    share_class3 = np.mean(np.asarray(draws) == 3)
+    assert abs(share_class3 - 0.5) < 4.5 * np.sqrt(0.25 / 4000)
+
+
+def test_touching_lesions_of_two_classes_are_two_components():
+    lab = np.zeros((10, 10, 10), np.uint8)
+    lab[2:5, 2:5, 2:5] = 1
+    lab[5:7, 2:5, 2:5] = 2
+    idx = index_lesions(lab, [1, 2])
+    assert sorted(idx.classes.tolist()) == [1, 2] and sorted(idx.sizes.tolist()) == [18, 27]
