@@ -29,7 +29,7 @@ Usage::
     .venv/bin/python benchmarks/bench_real_data.py --dataset brats --folds all --epochs 40 --steps 25
     .venv/bin/python benchmarks/bench_real_data.py --dataset ms --folds 0 --epochs 12 --steps 20   # one fold
 
-The markdown table is printed and written into ``--output`` (default ``benchmarks/results_real_data.md``),
+The markdown table is printed and written into ``--output`` (default ``benchmarks/RESULTS.md (section "Real data")``),
 replacing only the section of the data set that was run, with the exact command and the machine.
 """
 
@@ -49,7 +49,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "real"
-DEFAULT_OUTPUT = REPO / "benchmarks" / "results_real_data.md"
+DEFAULT_OUTPUT = REPO / "benchmarks" / "real_data_latest.md"
 
 DATASETS = {
     "ms": {

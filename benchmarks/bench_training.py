@@ -26,7 +26,7 @@ and of its loader worker (whose RSS includes the pages it shares with the main p
 Usage::
 
     .venv/bin/python benchmarks/bench_training.py                      # ~3 min on 2 CPU cores
-    .venv/bin/python benchmarks/bench_training.py --markdown benchmarks/results_training.md
+    .venv/bin/python benchmarks/bench_training.py --markdown /tmp/results_training.md
 """
 
 from __future__ import annotations
