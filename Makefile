@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
+# UTF-8 text I/O whatever the machine's locale (CI may run with none: Python would fall back to ASCII)
+export PYTHONUTF8 := 1
 
 .PHONY: setup repro test test-fast lint clean
 
