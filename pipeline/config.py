@@ -208,8 +208,8 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(20, ge=1)
-    steps_per_epoch: int = Field(30, ge=1)
+    epochs: int = Field(40, ge=1)
+    steps_per_epoch: int = Field(40, ge=1)
     batch_size: int | None = Field(None, ge=1)  # None: from the plan
     patch_size: IntTriple | None = None  # None: from the plan
     model: ModelConfig = ModelConfig()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +44,9 @@ def map_cases(
     tasks run here, one after the other. On the first failure the pending tasks are cancelled and the
     exception is raised.
     """
-    bar = tqdm(total=len(tasks), desc=desc, unit="case", dynamic_ncols=True)
+    # `-q` (log level WARNING) also silences the bar
+    quiet = not logging.getLogger("pipeline").isEnabledFor(logging.INFO)
+    bar = tqdm(total=len(tasks), desc=desc, unit="case", dynamic_ncols=True, disable=quiet)
     try:
         if pool is None or len(tasks) <= 1:
             for task in tasks:
