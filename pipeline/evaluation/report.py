@@ -77,6 +77,21 @@ def write_lesions_csv(path: Path, cases: list[CaseMatch], size_buckets_mm: tuple
         df.to_csv(tmp, index=False, float_format="%.6g")
 
 
+def style_froc_axes(ax, rates, lo_x: float, hi_x: float, title: str) -> None:
+    """The FROC axes shared by the stage's PNG and the notebook: log2 FP axis ticked at the CPM rates."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(lo_x, hi_x)
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(rates)
+    ax.set_xticklabels([f"{r:g}" for r in rates])
+    ax.set_xlabel("average false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+
+
 def plot_froc(path: Path, result: EvaluationResult) -> None:
     """FROC curve (log FP axis) with the bootstrap 95% band, the CPM FP rates and the operating points."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -107,16 +122,7 @@ def plot_froc(path: Path, result: EvaluationResult) -> None:
                 label=f"chosen: {op.target_fp_rate:g} FP/scan, t={op.threshold:.3g}")
     else:
         ax.text(0.5, 0.5, "no lesions in the labels", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(lo_x, hi_x)
-    ax.set_ylim(0, 1.02)
-    ax.set_xticks(rates)
-    ax.set_xticklabels([f"{r:g}" for r in rates])
-    ax.set_xlabel("average false positives per scan")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(f"{c.n_lesions} lesions, {c.n_scans} scans")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    style_froc_axes(ax, rates, lo_x, hi_x, f"{c.n_lesions} lesions, {c.n_scans} scans")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

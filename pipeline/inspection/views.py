@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.evaluation.report import style_froc_axes
 from pipeline.io.volume import Volume
 
 if TYPE_CHECKING:
@@ -479,16 +480,6 @@ def froc_figure(froc: pd.DataFrame, metrics: Mapping[str, Any]) -> Figure:
                     label=f"chosen: {op['target_fp_rate']:g} FP/scan, {thr_text}")
     else:
         ax.text(0.5, 0.5, "no lesions in the labels", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(lo_x, hi_x)
-    ax.set_ylim(0, 1.02)
-    ax.set_xticks(rates)
-    ax.set_xticklabels([f"{r:g}" for r in rates])
-    ax.set_xlabel("average false positives per scan")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(f"{n_les} lesions, {metrics.get('scans_total', '?')} scans")
-    ax.grid(True, which="major", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8)
+    style_froc_axes(ax, rates, lo_x, hi_x, f"{n_les} lesions, {metrics.get('scans_total', '?')} scans")
     fig.tight_layout()
     return fig
