@@ -224,3 +224,46 @@ def test_tracked_pipeline_against_a_real_server(tmp_path, monkeypatch):
         x = torch.rand(3, 1, 8, 16, 12)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+@pytest.mark.slow
+def test_the_real_cli_pipeline_logs_to_a_server(tmp_path):
+    """prepare-data -> preprocess -> train -> evaluate through the CLI with MLFLOW_TRACKING_URI pointing at a
+    real server: the train run's params equal the config, the evaluate run holds the FROC plot and
+    metrics, and the model is registered."""
+    import yaml
+
+    from pipeline.config import load_config
+
+    work = tmp_path / "work"
+    (work / "configs").mkdir(parents=True)
+    overrides = ["data.synthetic.n_cases=6", "data.synthetic.shape=[48,48,16]", "train.epochs=1",
+                 "train.steps_per_epoch=2", "train.val_every=1", "train.model.base_filters=4",
+                 "train.model.max_filters=16", "evaluation.bootstrap=10", "tracking.registered_model=cli-unet"]
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "params.yaml", overrides)
+    (work / "configs" / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with mlflow_server(tmp_path) as url:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        for command in ("prepare-data", "preprocess", "train", "evaluate"):
+            proc = subprocess.run([sys.executable, "-m", "pipeline", command, "-q"], cwd=work, env=env,
+                                  capture_output=True, text=True, timeout=300, check=False)
+            assert proc.returncode == 0, f"{command}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert not (work / "mlflow.db").exists()  # nothing went to the local store
+
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(url)
+        client = MlflowClient()
+        runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+        by_name = {r.info.run_name: r for r in runs}
+        train, evaluate = by_name["train"], by_name["evaluate"]
+        assert train.data.params == flat_params(cfg.flat())
+        assert train.data.tags["mlflow.parentRunId"] == evaluate.data.tags["mlflow.parentRunId"]
+        assert {"cpm", "sens_at_1fp"} <= set(evaluate.data.metrics)
+        assert "loss" in train.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluation")}
+        assert {"evaluation/froc.png", "evaluation/metrics.json", "evaluation/lesions.csv"} <= artifacts
+        versions = client.search_model_versions("name='cli-unet'")
+        assert versions and versions[0].run_id == train.info.run_id
+        assert all(r.info.status == "FINISHED" for r in (train, evaluate))
