@@ -207,6 +207,11 @@ def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase]
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 raise KeyboardInterrupt(f"stopped after {steps_done} steps (test hook)")
         n = tc.steps_per_epoch
+        if dist_info.enabled:  # log the mean loss over every rank's batches, not rank 0's alone
+            keys = ("loss", "focal", "dice_loss")
+            totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: on device
+            torch.distributed.all_reduce(totals)
+            sums = dict(zip(keys, (totals / dist_info.world_size).tolist(), strict=True))
         elapsed = time.perf_counter() - t_epoch
         row: dict[str, Any] = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": lr,
                                "patches_per_s": n * batch_size * dist_info.world_size / max(elapsed, 1e-9),
