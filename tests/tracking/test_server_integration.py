@@ -250,11 +250,10 @@ def test_the_real_cli_pipeline_logs_to_a_server(tmp_path):
             assert proc.returncode == 0, f"{command}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         assert not (work / "mlflow.db").exists()  # nothing went to the local store
 
-        import mlflow
         from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(url)
-        client = MlflowClient()
+        # explicit URIs: an earlier test in this process may have set mlflow's global registry URI
+        client = MlflowClient(tracking_uri=url, registry_uri=url)
         runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
         by_name = {r.info.run_name: r for r in runs}
         train, evaluate = by_name["train"], by_name["evaluate"]
