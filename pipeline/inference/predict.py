@@ -25,7 +25,8 @@ from torch import nn
 
 from pipeline.config import Config, InferenceConfig, config_from_dict
 from pipeline.inference.sliding_window import lesion_probability, predict_probabilities
-from pipeline.io.formats import NIFTI_SUFFIXES, image_suffix, is_volume_path, read_volume, strip_suffix, write_volume
+from pipeline.io.dataset import Case, read_case_image
+from pipeline.io.formats import NIFTI_SUFFIXES, image_suffix, is_volume_path, strip_suffix, write_volume
 from pipeline.io.volume import Volume, grid_mismatch
 from pipeline.model.factory import build_model
 from pipeline.training.checkpoint import CheckpointError, load_checkpoint
@@ -157,15 +158,6 @@ def collect_inputs(path: Path, n_channels: int) -> list[tuple[str, list[Path]]]:
     return sorted(groups.items())
 
 
-def _read_channels(files: list[Path]) -> Volume:
-    vols = [read_volume(f) for f in files]
-    for f, v in zip(files[1:], vols[1:], strict=True):
-        diff = grid_mismatch(vols[0], v)
-        if diff:
-            raise ValueError(f"{f}: channel grid differs from {files[0]}: {'; '.join(diff)}")
-    return vols[0] if len(vols) == 1 else Volume(np.concatenate([v.data for v in vols]), vols[0].affine)
-
-
 def output_suffix(source: Path, output_format: str) -> str:
     suffix = image_suffix(source)
     if output_format == "nifti" or source.is_dir() or suffix not in NIFTI_SUFFIXES + (".nrrd", ".mha", ".mhd"):
@@ -183,7 +175,7 @@ def predict_paths(cfg: Config, model_path: Path, input_path: Path, output_dir: P
     cases = collect_inputs(input_path, len(loaded.plan["channel_names"]))
     written = []
     for name, files in tqdm(cases, desc="predict", unit="scan", disable=not progress):
-        image = _read_channels(files)
+        image = read_case_image(Case(name, tuple(files)))  # channel files must share one grid
         pred = predict_volume(loaded, image, cfg.inference)
         suffix = output_suffix(files[0], output_format)
         written.append(write_volume(output_dir / "probabilities" / f"{name}{suffix}", pred.lesion_probability))
