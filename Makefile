@@ -20,13 +20,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The stage commands call `python`: the venv's bin goes first on PATH, so `make repro` works without an
+# activated venv. .dvc/ is committed, so a git clone needs no `dvc init`; outside git (a tarball) DVC
+# runs without SCM (then `dvc exp` / `params diff` / `metrics diff` are unavailable).
 repro: $(STAMP)  ## run the whole DVC pipeline (data -> preprocess -> train -> evaluate)
-	test -d .dvc || $(VENV)/bin/dvc init --no-scm -q 2>/dev/null || $(VENV)/bin/dvc init -q
+	test -d .dvc || $(VENV)/bin/dvc init -q $$(git rev-parse --is-inside-work-tree >/dev/null 2>&1 || echo --no-scm)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc metrics show
 
+# pytest's own exit status is kept in $(VENV)/.pytest-status (make itself exits 2 on any failure):
+# .ci/run passes it on, so CI can tell failures (1) from "no tests collected" (5).
 test: $(STAMP)  ## the whole test suite, slow end-to-end tests included
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q; status=$$?; echo $$status > $(VENV)/.pytest-status; exit $$status
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

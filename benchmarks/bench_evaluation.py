@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SPACING = (0.8, 0.8, 1.5)
+_NOISE = False  # set by --noise
 
 
 def _ball(out: np.ndarray, centre: np.ndarray, radius_mm: float, value, soft: bool = False) -> None:
@@ -52,8 +53,13 @@ def _ball(out: np.ndarray, centre: np.ndarray, radius_mm: float, value, soft: bo
         view[d <= radius_mm] = value
 
 
-def make_scan(index: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(probability float32, label uint8) of scan ``index``: deterministic, ``size``^3 voxels."""
+def make_scan(index: int, size: int, seed: int = 0, noise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(probability float32, label uint8) of scan ``index``: deterministic, ``size``^3 voxels.
+
+    ``noise``: a noise-only probability map instead (``u ** 45``, u uniform in [0, 1]: 5% of the voxels
+    >= 0.1, below the 26-connected percolation threshold, so tens of thousands of components at 0.1 on a
+    128^3 scan; no lesion blobs) over the same labels.
+    """
     rng = np.random.default_rng([seed, index])
     shape = (size, size, size)
     # fill() touches every page now, as a file reader would; np.zeros would defer the page faults
@@ -73,6 +79,10 @@ def make_scan(index: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     for _ in range(rng.poisson(3)):
         peak = np.float32(rng.uniform(0.15, 0.9))
         _ball(prob, rng.integers(4, size - 4, size=3), rng.uniform(1.0, 6.0), peak, soft=True)
+    if noise:
+        u = rng.random(shape, dtype=np.float32)
+        np.power(u, 45, out=u)
+        return u, gt
     n_speckle = int(rng.integers(0, 30))
     idx = rng.integers(0, size, size=(n_speckle, 3))
     prob[idx[:, 0], idx[:, 1], idx[:, 2]] = np.maximum(prob[idx[:, 0], idx[:, 1], idx[:, 2]],
@@ -100,12 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--io-scans", type=int, default=0, help="also write K scans as .nii.gz and time "
                     "evaluate_folders on them against the plain read time (default 0: skip)")
+    ap.add_argument("--extraction", choices=["static", "dynamic"], default="static",
+                    help="candidate extraction (evaluation.extraction; dynamic with its default parameters)")
+    ap.add_argument("--noise", action="store_true", help="noise-only probability maps (see make_scan)")
     args = ap.parse_args(argv)
 
     from pipeline.config import EvaluationConfig
     from pipeline.evaluation.evaluate import _classes, evaluate_case, summarize
 
-    cfg = EvaluationConfig(bootstrap=args.bootstrap)
+    cfg = EvaluationConfig(bootstrap=args.bootstrap, extraction=args.extraction)
+    global _NOISE
+    _NOISE = args.noise
     picai = _picai() if args.picai_scans != 0 else None
     n_picai = args.n if args.picai_scans is None else min(args.picai_scans, args.n)
     if picai is None:
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     picai_results, n_cand_ours, n_cand_picai = {}, 0, 0
     for i in range(args.n):
         t0 = time.perf_counter()
-        prob, gt = make_scan(i, args.size, args.seed)
+        prob, gt = make_scan(i, args.size, args.seed, _NOISE)
         t_gen += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -141,14 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     t_ours_total = t_ours + t_sum
     # ours without voxel metrics on the picai subset, to compare like with like (lesion level only)
     for i in range(n_picai):
-        prob, gt = make_scan(i, args.size, args.seed)  # regenerated, not timed
+        prob, gt = make_scan(i, args.size, args.seed, _NOISE)  # regenerated, not timed
         tm = time.perf_counter()
         evaluate_case(f"s{i:03d}", prob, gt, SPACING, cfg, 1, classes, voxel_metrics=False)
         t_ours_match += time.perf_counter() - tm
 
     lines = [
-        f"scans: {args.n} of {args.size}^3 (spacing {SPACING} mm), lesions {result.curve.n_lesions}, "
-        f"candidates {n_cand_ours}",
+        f"scans: {args.n} of {args.size}^3 (spacing {SPACING} mm){', noise-only maps' if args.noise else ''}, "
+        f"lesions {result.curve.n_lesions}, candidates {n_cand_ours}, extraction {args.extraction}",
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
         f"python {platform.python_version()}, numpy {np.__version__}",
         f"generation (not timed): {t_gen:.1f} s",
@@ -192,7 +207,7 @@ def _bench_io(k: int, size: int, seed: int, cfg) -> list[str]:
         root = Path(tmp)
         affine = make_affine(SPACING)
         for i in range(k):
-            prob, gt = make_scan(i, size, seed)
+            prob, gt = make_scan(i, size, seed, _NOISE)
             write_volume(root / "pred" / f"s{i:03d}.nii.gz", Volume(prob[None], affine))
             write_volume(root / "lab" / f"s{i:03d}.nii.gz", Volume(gt[None], affine))
         t0 = time.perf_counter()

@@ -3,14 +3,18 @@
 Each command parses its arguments, loads the validated config, calls one library function and writes
 outputs. Heavy libraries (torch, MONAI, mlflow) are imported inside the commands, so ``--help`` is fast.
 
-Exit codes: 0 success; 1 unexpected error; 2 bad usage or invalid config; 3 invalid input data.
+Exit codes: 0 success; 1 unexpected error; 2 bad usage or invalid config; 3 invalid or missing input data.
+Logging goes through tqdm (progress bars stay intact); training adds the run's ETA to every epoch line, and
+every command ends with one summary line (``<command> finished in <duration>: ...``; not with ``-q``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,12 +23,20 @@ log = logging.getLogger("pipeline")
 
 
 def _config(args: argparse.Namespace):
-    from pipeline.config import load_config
+    from pipeline.config import find_params, load_config
 
-    path = Path(args.params)
-    if not path.exists() and args.params == "configs/params.yaml":
-        path = None  # defaults, e.g. when run outside the repository
+    path = Path(args.params) if args.params else find_params()
+    if path is None:
+        log.info("no params.yaml here: using the built-in defaults")
     return load_config(path, args.overrides)
+
+
+def _require(path: str, option: str) -> Path:
+    """``path`` if it exists; else a FileNotFoundError naming the option (exit 3, before any work)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: not found ({option})")
+    return p
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -36,7 +48,7 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = Path(args.output or cfg.paths.raw)
     write_synthetic_dataset(out, cfg.data.synthetic, progress=not args.quiet)
-    log.info("wrote %d synthetic scans to %s", cfg.data.synthetic.n_cases, out)
+    args.summary = f"{cfg.data.synthetic.n_cases} synthetic scans in {out}"
     return EXIT_OK
 
 
@@ -45,11 +57,13 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.dataset:
+        _require(args.dataset, "--dataset")
         source = "csv" if args.dataset.endswith(".csv") else "msd"
         cfg = cfg.model_copy(update={"data": replace_data(cfg.data, source=source, dataset=args.dataset)})
     ds, has_lesion = validated_dataset(cfg, progress=not args.quiet)
     print(f"OK: {ds.manifest}: {len(ds.training)} training case(s) ({sum(has_lesion.values())} with lesions), "
           f"{len(ds.test)} test case(s), labels {ds.labels}, channels {list(ds.channel_names)}")
+    args.summary = f"{len(ds.training) + len(ds.test)} case(s) valid"
     return EXIT_OK
 
 
@@ -63,7 +77,9 @@ def replace_data(data_cfg, **changes):
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     from pipeline.data.prepare import prepare_data
 
-    prepare_data(_config(args), progress=not args.quiet)
+    cfg = _config(args)
+    prepare_data(cfg, progress=not args.quiet)
+    args.summary = f"data set and splits in {cfg.paths.raw}, {cfg.paths.splits}"
     return EXIT_OK
 
 
@@ -76,23 +92,59 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     cfg = _config(args)
     ds, _ = validated_dataset(cfg, progress=not args.quiet)
     splits = json.loads(Path(cfg.paths.splits).read_text())
-    run_preprocess(cfg, ds, splits, Path(args.output or cfg.paths.preprocessed), workers=args.workers)
+    out = Path(args.output or cfg.paths.preprocessed)
+    run_preprocess(cfg, ds, splits, out, workers=args.workers)
+    args.summary = f"{sum(len(v) for v in splits.values())} case(s) preprocessed into {out}"
     return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training.stage import run_training
 
-    run_training(_config(args), resume=args.resume, progress=not args.quiet)
+    from pipeline.progress import epoch_eta
+
+    cfg = _config(args)
+    with epoch_eta(cfg.train.epochs):
+        summary = run_training(cfg, resume=args.resume, progress=not args.quiet)
+    if summary:  # empty on DDP ranks other than 0
+        cpm = summary.get("best_val_cpm")
+        args.summary = (f"best epoch {summary.get('best_epoch')}"
+                        + (f", validation CPM {cpm:.4f}" if isinstance(cpm, float) else "")
+                        + f", checkpoints in {cfg.paths.models}")
+    return EXIT_OK
+
+
+def cmd_make_folds(args: argparse.Namespace) -> int:
+    from pipeline.training.stage import make_folds_file
+
+    cfg = _config(args)
+    folds = make_folds_file(cfg)
+    print(f"{cfg.paths.folds}: {len(folds)} folds, validation scans per fold "
+          f"{[len(f['val']) for f in folds]} (commit this file: folds are never remade)")
+    return EXIT_OK
+
+
+def cmd_train_folds(args: argparse.Namespace) -> int:
+    from pipeline.training.stage import run_training_folds
+
+    cfg = _config(args)
+    best = run_training_folds(cfg, args.folds, resume=args.resume, progress=not args.quiet)
+    listed = ",".join(str(p) for p in best)
+    print(f"trained {len(best)} fold(s). Evaluate their ensemble on the test scans with:\n"
+          f"  python -m pipeline evaluate --set 'inference.checkpoints=[{listed}]'")
     return EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.inference.predict import predict_paths
 
+    models = [_require(m, "--model") for m in args.model]  # several: an ensemble (mean probabilities)
+    source = _require(args.input, "--input")  # before any work
     cfg = _config(args)
-    predict_paths(cfg, Path(args.model), Path(args.input), Path(args.output), progress=not args.quiet,
-                  output_format=args.format)
+    written = predict_paths(cfg, models, source, Path(args.output), progress=not args.quiet,
+                            output_format=args.format)
+    args.summary = (f"{len(written)} scan(s) predicted into {args.output}"
+                    + (f" by an ensemble of {len(models)} models" if len(models) > 1 else ""))
     return EXIT_OK
 
 
@@ -102,14 +154,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from pipeline.evaluation.evaluate import evaluate_folders
 
         if not args.labels or not args.output:
-            raise SystemExit("evaluate --predictions needs --labels and --output")
+            raise UsageError("evaluate --predictions needs --labels and --output")
+        _require(args.predictions, "--predictions"), _require(args.labels, "--labels")
         metrics = evaluate_folders(Path(args.predictions), Path(args.labels), Path(args.output), cfg.evaluation,
                                    lesion_label=args.lesion_label)
     else:
         from pipeline.evaluation.stage import run_evaluation_stage
 
         metrics = run_evaluation_stage(cfg, progress=not args.quiet)
-    print(f"CPM {metrics['cpm']:.4f}  lesions {metrics['lesions_total']}  scans {metrics['scans_total']}")
+    cpm = metrics["cpm"]
+    print(f"CPM {cpm:.4f}  lesions {metrics['lesions_total']}  scans {metrics['scans_total']}" if cpm is not None
+          else f"CPM undefined (no lesions)  lesions 0  scans {metrics['scans_total']}")
+    args.summary = f"{metrics['scans_total']} scan(s), {metrics['lesions_total']} lesion(s)"
     return EXIT_OK
 
 
@@ -120,14 +176,20 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
                         channel_names=args.channel_names, label_names=args.label_names,
                         case_id_regex=args.case_id_regex, root=args.root)
     print(f"wrote {path}")
+    args.summary = f"wrote {path}"
     return EXIT_OK
+
+
+class UsageError(Exception):
+    """Arguments that argparse cannot check alone (exit 2)."""
 
 
 # ----------------------------------------------------------------------------------------------- parser
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default="configs/params.yaml", help="config file (default: %(default)s)")
+    p.add_argument("--params", default=None,
+                   help="config file (default: params.yaml, else configs/params.yaml, else built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.loss.gamma=1 (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -137,7 +199,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Exit codes: 0 ok, 1 error, 2 bad usage/config, 3 invalid data.")
+                                     epilog="Exit codes: 0 ok, 1 error, 2 bad usage/config, 3 invalid or missing "
+                                            "input data.")
+    parser.add_argument("--version", action="version", version=f"rare-lesion-pipeline {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -156,8 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: preprocess.workers)")
     p = add("train", cmd_train, "train the 3D U-Net (torchrun for several GPUs)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    add("make-folds", cmd_make_folds, "write the cross-validation folds file (paths.folds) once, from the split")
+    p = add("train-folds", cmd_train_folds, "train every cross-validation fold, each into <paths.models>/fold_<k>")
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="only these folds (default: all n_folds)")
+    p.add_argument("--resume", action="store_true", help="continue each fold from its last checkpoint")
     p = add("predict", cmd_predict, "write lesion probability and label maps in each input's geometry")
-    p.add_argument("--model", required=True, help="checkpoint (.pt) written by train")
+    p.add_argument("--model", required=True, action="append",
+                   help="checkpoint (.pt) written by train; repeat it to average several models' probabilities "
+                        "(e.g. one per cross-validation fold)")
     p.add_argument("--input", required=True, help="an image file, a DICOM folder, or a folder of images")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--format", default="input", choices=["input", "nifti"],
@@ -179,11 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
 def setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if verbose:  # debug output of our own code only, not of matplotlib, mlflow, ...
         logging.getLogger("pipeline").setLevel(logging.DEBUG)
+
+
+def _log_through_tqdm(quiet: bool) -> contextlib.AbstractContextManager:
+    """Log records written with ``tqdm.write`` while bars run, so an INFO line never splits a bar."""
+    if quiet:  # no bars
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,12 +279,24 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.io.formats import VolumeReadError
     from pipeline.io.validate import DataValidationError
 
+    t0 = time.perf_counter()
+    args.summary = ""
     try:
-        return args.func(args)
+        with _log_through_tqdm(args.quiet):
+            code = args.func(args)
+        if code == EXIT_OK:
+            from pipeline.progress import format_duration
+
+            log.info("%s finished in %s%s", args.command, format_duration(time.perf_counter() - t0),
+                     f": {args.summary}" if args.summary else "")
+        return code
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (DatasetError, DataValidationError, VolumeReadError) as exc:
+    except UsageError as exc:
+        print(f"usage error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (DatasetError, DataValidationError, VolumeReadError, FileNotFoundError) as exc:
         print(f"data error:\n{exc}", file=sys.stderr)
         return EXIT_DATA
     except KeyboardInterrupt:

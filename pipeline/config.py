@@ -1,8 +1,10 @@
 """One typed, validated configuration for the whole pipeline.
 
-``configs/params.yaml`` (the file DVC reads as params) is parsed into the frozen :class:`Config` tree.
-Unknown keys, wrong types and out-of-range values fail at load time with the key path in the message,
-e.g. ``configs/params.yaml: train.loss.gamma: Input should be greater than or equal to 0``.
+``params.yaml`` at the repository root (the file DVC reads as params; ``configs/params.yaml`` links to it)
+is parsed into the frozen :class:`Config` tree. Unknown keys, wrong types and out-of-range values fail at
+load time with their source and key path, e.g. ``params.yaml: train.loss.gamma: Input should be greater
+than or equal to 0`` or ``--set train.loss.gama=1: train.loss.gama: Extra inputs are not permitted (did
+you mean 'train.loss.gamma'?)``.
 
 Functions receive the sub-config they need (``cfg.train.loss``, ``cfg.evaluation``...), never a raw dict.
 Overrides use dotted paths, ``--set train.loss.gamma=1`` on the CLI or ``dvc exp run -S train.loss.gamma=1``.
@@ -11,11 +13,12 @@ Overrides use dotted paths, ``--set train.loss.gamma=1`` on the CLI or ``dvc exp
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,7 +31,18 @@ from pydantic import (
     model_validator,
 )
 
-DEFAULT_PARAMS = Path("configs/params.yaml")
+PARAMS_FILE = Path("params.yaml")  # the real file, at the repository root (DVC reads it at every revision)
+DEFAULT_PARAMS = Path("configs/params.yaml")  # a link to it, kept for older commands and notebooks
+
+
+def find_params(cwd: str | Path = ".") -> Path | None:
+    """The params file a command reads by default: ``params.yaml``, else ``configs/params.yaml`` (relative
+    to ``cwd``), else None (the schema's defaults, e.g. outside the repository)."""
+    for name in (PARAMS_FILE, DEFAULT_PARAMS):
+        path = Path(cwd) / name
+        if path.exists():
+            return path if str(cwd) != "." else name
+    return None
 
 
 class ConfigError(ValueError):
@@ -39,6 +53,8 @@ def _wants_number(annotation: Any) -> bool:
     """``int``, ``float`` or a union holding one and no ``bool``."""
     if annotation in (int, float):
         return True
+    if typing.get_origin(annotation) is typing.Annotated:  # e.g. Annotated[int, Field(ge=0)] | "auto"
+        return _wants_number(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         return bool not in args and any(_wants_number(a) for a in args)
@@ -71,6 +87,10 @@ class PathsConfig(_Section):
     models: str = "models"
     predictions: str = "results/predictions"
     evaluation: str = "results/evaluation"
+    metrics: str = "metrics"  # small headline metrics and plot tables, git-tracked so experiments commit them
+    # cross-validation folds (nnU-Net splits_final.json layout), made once by the first train.fold run or
+    # `make-folds`, then only read: commit it, so every run and `dvc exp` workspace uses the same folds
+    folds: str = "configs/folds.json"
 
 
 class SyntheticConfig(_Section):
@@ -129,20 +149,22 @@ class PreprocessConfig(_Section):
     image_order_z: int = Field(1, ge=0, le=5)  # order along the low-res axis of strongly anisotropic scans
     intensity: IntensityConfig = IntensityConfig()
     workers: int = Field(0, ge=0)  # 0 -> number of CPU cores
-    memory_budget: Literal["cpu", "gpu"] = "cpu"
+    memory_budget: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is present, else cpu
     cpu_budget_mvoxels: float = Field(0.25, gt=0)  # patch voxels x batch, millions
-    gpu_budget_gb: float = Field(10.0, gt=0)
+    cpu_base_filters: int = Field(8, ge=1)  # CPU plan: narrower network, same topology (docs/model.md)
+    cpu_max_filters: int = Field(128, ge=1)
+    gpu_budget_gb: float = Field(10.0, gt=0)  # GPU plan: nnU-Net's 32..320 filters
     patch_size: IntTriple | None = None  # None: from the plan
     batch_size: int | None = Field(None, ge=1)
 
 
 class ModelConfig(_Section):
-    name: Literal["unet", "dynunet"] = "unet"
-    base_filters: int = Field(16, ge=1)
-    max_filters: int = Field(256, ge=1)
+    name: Literal["unet", "dynunet"] = "dynunet"  # dynunet: nnU-Net's U-Net (docs/model.md)
+    base_filters: int | None = Field(None, ge=1)  # None: from the plan (GPU 32, CPU cpu_base_filters)
+    max_filters: int | None = Field(None, ge=1)  # None: from the plan (GPU 320, CPU cpu_max_filters)
     depth: int | None = Field(None, ge=2, le=7)  # None: from the plan
-    num_res_units: int = Field(1, ge=0)
-    deep_supervision: bool = False
+    num_res_units: int = Field(0, ge=0)  # 0: two conv-norm-LeakyReLU per stage (nnU-Net); >0: residual
+    deep_supervision: bool = True  # dynunet only, nnU-Net's head weights; unet has no supervision heads
     dropout: float = Field(0.0, ge=0, lt=1)
     prior_init: bool = True
     prior_probability: float = Field(0.01, gt=0, lt=1)
@@ -184,27 +206,79 @@ class SamplingConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    flip_prob: float = Field(0.5, ge=0, le=1)
+    """Training augmentation (``pipeline.data.augment``); defaults are nnU-Net v2's
+    (``nnUNetTrainer.get_training_transforms``). ``*_prob`` is the chance per patch; ``*_channel_prob`` the
+    chance per channel once the transform is on; ranges are ``(low, high)``. Table: docs/augmentation.md."""
+
+    # spatial: one coordinate map (rotation x scaling x elastic), one interpolation, read from the scan
     rotate_prob: float = Field(0.2, ge=0, le=1)
-    rotate_deg: float = Field(15.0, ge=0, le=180)
+    rotate_deg: float = Field(30.0, ge=0, le=180)  # +- about each axis (isotropic plans)
+    rotate_deg_anisotropic: float = Field(180.0, ge=0, le=180)  # +- in-plane only, when the plan is anisotropic
     scale_prob: float = Field(0.2, ge=0, le=1)
-    scale_range: float = Field(0.15, ge=0, lt=1)
-    elastic_prob: float = Field(0.0, ge=0, le=1)
-    intensity_scale_prob: float = Field(0.15, ge=0, le=1)
-    intensity_shift_prob: float = Field(0.15, ge=0, le=1)
-    gamma_prob: float = Field(0.15, ge=0, le=1)
-    noise_prob: float = Field(0.15, ge=0, le=1)
-    blur_prob: float = Field(0.1, ge=0, le=1)
+    scale_range: tuple[float, float] = (0.7, 1.4)  # > 1 zooms out (nnU-Net's convention), one factor for all axes
+    elastic_prob: float = Field(0.0, ge=0, le=1)  # nnU-Net: off
+    elastic_scale: tuple[float, float] = (0.1, 0.25)  # control-point spacing, fraction of the patch edge
+    elastic_magnitude_vox: tuple[float, float] = (1.0, 4.0)  # largest displacement, voxels
+    # intensity, each channel drawn independently
+    noise_prob: float = Field(0.1, ge=0, le=1)
+    noise_std: tuple[float, float] = (0.0, 0.1)  # one std per patch (nnU-Net syncs it), fields per channel
+    blur_prob: float = Field(0.2, ge=0, le=1)
+    blur_channel_prob: float = Field(0.5, ge=0, le=1)
+    blur_sigma_vox: tuple[float, float] = (0.5, 1.0)  # per channel and axis
+    brightness_prob: float = Field(0.15, ge=0, le=1)
+    brightness_range: tuple[float, float] = (0.75, 1.25)  # multiplier
+    contrast_prob: float = Field(0.15, ge=0, le=1)
+    contrast_range: tuple[float, float] = (0.75, 1.25)  # about the channel mean, range preserved
+    lowres_prob: float = Field(0.25, ge=0, le=1)
+    lowres_channel_prob: float = Field(0.5, ge=0, le=1)
+    lowres_scale: tuple[float, float] = (0.5, 1.0)  # down-sampling factor (thick axis kept if anisotropic)
+    gamma_inverted_prob: float = Field(0.1, ge=0, le=1)
+    gamma_prob: float = Field(0.3, ge=0, le=1)
+    gamma_range: tuple[float, float] = (0.7, 1.5)  # stats (mean, std) retained
+    mirror_prob: float = Field(0.5, ge=0, le=1)  # per axis, all three axes
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> AugmentConfig:
+        for name in ("scale_range", "elastic_scale", "elastic_magnitude_vox", "noise_std", "blur_sigma_vox",
+                     "brightness_range", "contrast_range", "lowres_scale", "gamma_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(lo, hi)}")
+        if self.scale_range[0] <= 0 or self.lowres_scale[0] <= 0 or self.gamma_range[0] <= 0:
+            raise ValueError("scale_range, lowres_scale and gamma_range must be > 0")
+        if self.lowres_scale[1] > 1:
+            raise ValueError("lowres_scale must be <= 1 (a down-sampling factor)")
+        return self
+
+
+# per-optimiser defaults for the keys left null (or absent): nnU-Net v2's SGD recipe, and AdamW + cosine
+OPTIM_PRESETS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 1e-2, "weight_decay": 3e-5, "schedule": "poly", "warmup_epochs": 0},
+    "adamw": {"lr": 2e-3, "weight_decay": 1e-5, "schedule": "cosine", "warmup_epochs": 1},
+}
 
 
 class OptimConfig(_Section):
+    """Optimiser and LR schedule. ``sgd`` is nnU-Net's: Nesterov, momentum 0.99, lr 1e-2, weight decay
+    3e-5, poly 0.9 decay, no warm-up; ``adamw`` uses ``lr`` 2e-3, weight decay 1e-5, cosine decay and one
+    warm-up epoch. ``lr``, ``weight_decay``, ``schedule`` and ``warmup_epochs`` left null take these
+    per-optimiser presets (``OPTIM_PRESETS``); a value given explicitly always wins."""
+
     name: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
-    momentum: float = Field(0.99, ge=0, lt=1)
+    momentum: float = Field(0.99, ge=0, lt=1)  # SGD only
     schedule: Literal["poly", "cosine"] = "cosine"
     warmup_epochs: int = Field(1, ge=0)
     grad_clip: float | None = Field(12.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _presets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = OPTIM_PRESETS.get(data.get("name", "adamw"), {})
+            data = {**data, **{k: v for k, v in preset.items() if data.get(k) is None}}
+        return data
 
 
 class TrainConfig(_Section):
@@ -220,10 +294,17 @@ class TrainConfig(_Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = False
     compile: bool = False
-    deterministic: bool = True
+    # True: cuDNN deterministic kernels, no autotuning (bit-reproducible CUDA runs; the resume tests use it).
+    # False: cuDNN benchmark (autotuned, faster on a GPU). CPU runs are reproducible either way.
+    deterministic: bool = False
     val_every: int = Field(5, ge=1)
     checkpoint_every: int = Field(1, ge=1)
-    num_workers: int = Field(1, ge=0)
+    # loader worker processes, kept alive for the whole run; "auto": min(CPU cores - 1, 8) per process
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # wall-clock budget in minutes (null: off): the LR schedule is compressed to it, training ends at it
+    time_budget_min: float | None = Field(None, gt=0)
+    fold: int | None = Field(None, ge=0)  # cross-validation fold to train (null: the train / val split)
+    n_folds: int = Field(5, ge=2)  # folds made once from the train + val scans (paths.splits' folder)
     cache: Literal["memory", "disk"] = "memory"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -233,19 +314,39 @@ class TrainConfig(_Section):
         # PyYAML (YAML 1.1) reads an unquoted `off` (`amp: off`, `--set train.amp=off`) as False
         return "off" if value is False else value
 
+    @model_validator(mode="after")
+    def _check_fold(self) -> TrainConfig:
+        if self.fold is not None and self.fold >= self.n_folds:
+            raise ValueError(f"fold {self.fold} does not exist: folds are 0..{self.n_folds - 1} (n_folds)")
+        return self
+
 
 class InferenceConfig(_Section):
     overlap: float = Field(0.5, ge=0, lt=1)
     sw_batch_size: int = Field(2, ge=1)
     blend: Literal["gaussian", "constant"] = "gaussian"
-    tta_mirror: bool = False
+    tta_mirror: bool = True  # mean over all 8 flips of the 3 axes (nnU-Net's mirroring)
+    # evaluate stage: checkpoints whose probabilities are averaged (an ensemble, e.g. one per fold);
+    # empty: ``<paths.models>/best.pt``
+    checkpoints: tuple[str, ...] = ()
     amp: bool = True
     min_component_mm3: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class DynamicExtractionConfig(_Section):
+    """PI-CAI's peak-relative extraction (``evaluation.extraction: dynamic``); see evaluation/candidates.py."""
+
+    threshold_factor: float = Field(2.5, gt=0)  # a candidate spans its peak p down to p / threshold_factor
+    min_voxels: int = Field(10, ge=0)  # components of <= min_voxels voxels are not candidates
+    max_lesions: int = Field(100, ge=1)  # candidates per scan (PI-CAI's default 5 is for prostate MRI)
+    round_decimals: int | None = Field(None, ge=0)  # round each candidate's peak score (None: exact)
+
+
 class EvaluationConfig(_Section):
-    extraction_threshold: float = Field(0.1, gt=0, lt=1)
+    extraction: Literal["static", "dynamic"] = "static"  # candidates at a fixed level / grown from each peak
+    extraction_threshold: float = Field(0.1, gt=0, lt=1)  # the static level
+    dynamic: DynamicExtractionConfig = DynamicExtractionConfig()
     score: Literal["max", "mean"] = "max"
     hit_criterion: Literal["iou", "peak", "distance"] = "iou"
     iou_threshold: float = Field(0.1, gt=0, le=1)
@@ -256,6 +357,12 @@ class EvaluationConfig(_Section):
     surface_tolerance_mm: float = Field(1.0, gt=0)
     max_candidates_per_scan: int = Field(10000, ge=1)
     operating_fp_rate: float = Field(1.0, gt=0)  # operating point saved with the model
+
+    @model_validator(mode="after")
+    def _dynamic_scores_by_peak(self) -> EvaluationConfig:
+        if self.extraction == "dynamic" and self.score != "max":
+            raise ValueError("score 'mean' needs extraction 'static' (dynamic candidates are scored by their peak)")
+        return self
 
     @field_validator("fp_rates", "size_buckets_mm")
     @classmethod
@@ -271,6 +378,9 @@ class TrackingConfig(_Section):
     experiment: str = "rare-lesions"
     registered_model: str = "rare-lesion-unet"
     on_unreachable: Literal["fail", "fallback"] = "fail"
+    # the registry alias the evaluate stage moves to a version only when its test CPM beats the holder's
+    champion_alias: str = Field("champion", min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    champion_min_cpm: float = Field(0.0, ge=0.0, le=1.0)  # a version must exceed this CPM to take the alias
 
 
 class Config(_Section):
@@ -332,19 +442,70 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _format_errors(source: str, exc: ValidationError) -> str:
+def _section_fields(parts: list[str]) -> list[str]:
+    """Key names allowed in the section at ``parts`` (``[]`` = top level); [] when it is not a section."""
+    model: type[BaseModel] = Config
+    for part in parts:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        kinds = [field.annotation, *typing.get_args(field.annotation)]
+        sub = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _did_you_mean(parts: list[str]) -> str:
+    """`` (did you mean 'train.loss.gamma'?)`` for a mistyped key, from the keys of its section."""
+    close = difflib.get_close_matches(parts[-1], _section_fields(parts[:-1]), n=1, cutoff=0.6)
+    return f" (did you mean '{'.'.join([*parts[:-1], close[0]])}'?)" if close else ""
+
+
+def _in_tree(tree: dict[str, Any], parts: list[str]) -> bool:
+    node: Any = tree
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _origin(parts: list[str], source: str, overrides: list[str], file_tree: dict[str, Any]) -> str:
+    """Who wrote the key at ``parts``: the ``--set`` override that set it (or a section above it, or a
+    key below it when the file lacks ``parts``), else the file ``source``."""
+    paths = [(parse_override(text)[0], text) for text in overrides]
+    for path, text in reversed(paths):  # the last override of a key wins
+        if parts[:len(path)] == path:
+            return f"--set {text}"
+    for path, text in reversed(paths):
+        if path[:len(parts)] == parts and not _in_tree(file_tree, parts):
+            return f"--set {text}"
+    return source
+
+
+def _format_errors(source: str, exc: ValidationError, overrides: list[str] | None = None,
+                   file_tree: dict[str, Any] | None = None) -> str:
+    """One line per problem: ``<source>: <key path>: <message>[ (did you mean '<key path>'?)]``, where
+    the source is the ``--set`` override that wrote the key, else the file."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-        lines.append(f"{source}: {loc or '<root>'}: {err['msg']}")
+        parts = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+        origin = _origin(parts, source, overrides or [], file_tree or {}) if parts else source
+        hint = _did_you_mean(parts) if err["type"] == "extra_forbidden" and parts else ""
+        lines.append(f"{origin}: {'.'.join(parts) or '<root>'}: {err['msg']}{hint}")
     return "\n".join(lines)
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "<config>") -> Config:
+def config_from_dict(tree: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None,
+                     file_tree: dict[str, Any] | None = None) -> Config:
+    """Validate a config tree. ``overrides`` (already applied to ``tree``) and the ``file_tree`` they were
+    applied to only serve the error messages, which name the override or the file a bad key came from."""
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc)) from None
+        raise ConfigError(_format_errors(source, exc, overrides, file_tree)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -367,8 +528,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         tree = loaded or {}
-    tree = apply_overrides(tree, overrides or [])
-    return config_from_dict(tree, source)
+    return config_from_dict(apply_overrides(tree, overrides or []), source, overrides, tree)
 
 
 def dump_config(cfg: Config) -> str:

@@ -240,3 +240,109 @@ def test_prepare_data_writes_the_dataset_and_splits(workdir):
     # the raw data set it wrote passes check-data
     check = run_cli("check-data", "-q", cwd=workdir)
     assert check.returncode == 0, check.stderr
+
+
+# ----------------------------------------------------------------------------------------------- issue 15
+
+
+def test_version(workdir):
+    from pipeline import __version__
+
+    result = run_cli("--version", cwd=workdir)
+    assert result.returncode == 0 and result.stdout.strip() == f"rare-lesion-pipeline {__version__}"
+
+
+@pytest.mark.parametrize("args, missing", [
+    (["predict", "--model", "nope.pt", "--input", "scan.nii.gz", "--output", "out"], "nope.pt: not found (--model)"),
+    (["evaluate", "--predictions", "preds", "--labels", "labels", "--output", "out"],
+     "preds: not found (--predictions)"),
+    (["check-data", "--dataset", "absent/dataset.json"], "absent/dataset.json: not found (--dataset)"),
+])
+def test_missing_input_exits_3_naming_it(workdir, args, missing):
+    result = run_cli(*args, "-q", cwd=workdir)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("data error:\n") and missing in result.stderr
+    assert list(workdir.iterdir()) == []
+
+
+def test_predict_missing_input_with_a_model_exits_3(workdir):
+    model = workdir.parent / "model.pt"
+    model.write_bytes(b"")  # never read: the input is checked first
+    result = run_cli("predict", "--model", str(model), "--input", "absent.nii.gz", "--output", "o", "-q", cwd=workdir)
+    assert result.returncode == 3 and "absent.nii.gz: not found (--input)" in result.stderr
+
+
+def test_evaluate_folders_without_labels_is_a_usage_error(workdir):
+    result = run_cli("evaluate", "--predictions", ".", "-q", cwd=workdir)
+    assert result.returncode == 2 and "needs --labels and --output" in result.stderr
+
+
+def test_mistyped_set_key_names_the_override_and_suggests_the_key(workdir):
+    (workdir.parent / "params.yaml").write_text("seed: 0\n")
+    result = run_cli("synth-data", "--params", str(workdir.parent / "params.yaml"), "--set", "train.loss.gama=1",
+                     "-q", cwd=workdir)
+    assert result.returncode == 2
+    assert ("--set train.loss.gama=1: train.loss.gama: Extra inputs are not permitted "
+            "(did you mean 'train.loss.gamma'?)") in result.stderr
+    assert "params.yaml:" not in result.stderr  # the file is fine: it is not blamed
+
+
+def test_mistyped_file_key_names_the_file_and_suggests_the_key(workdir):
+    (workdir / "params.yaml").write_text("trian:\n  epochs: 3\n")
+    result = run_cli("synth-data", "-q", cwd=workdir)
+    assert result.returncode == 2
+    assert "params.yaml: trian: Extra inputs are not permitted (did you mean 'train'?)" in result.stderr
+
+
+@pytest.mark.parametrize("location", ["params.yaml", "configs/params.yaml"])
+def test_default_params_file_is_params_yaml_then_configs(workdir, location):
+    path = workdir / location
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("data:\n  synthetic: {n_cases: 3, shape: [32, 32, 12]}\n")
+    result = run_cli("synth-data", "--output", str(workdir.parent / "syn"), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert len(list((workdir.parent / "syn" / "imagesTr").iterdir())) == 3  # the file's n_cases, not 30
+    # the end-of-run summary line
+    assert re.search(r"synth-data finished in \d+s: 3 synthetic scans in ", result.stderr), result.stderr
+
+
+def test_quiet_has_no_summary_line(workdir):
+    result = run_cli("synth-data", *SMALL, "--output", str(workdir.parent / "syn"), "-q", cwd=workdir)
+    assert result.returncode == 0 and result.stderr == ""
+
+
+def test_logging_goes_through_tqdm_while_a_command_runs(monkeypatch):
+    import logging
+
+    from tqdm.contrib.logging import _TqdmLoggingHandler
+
+    import pipeline.cli as cli
+
+    seen = {}
+
+    def fake(args):
+        seen["handlers"] = [type(h) for h in logging.getLogger().handlers]
+        return cli.EXIT_OK
+
+    monkeypatch.setattr(cli, "cmd_synth_data", fake)
+    assert cli.main(["synth-data"]) == 0
+    assert _TqdmLoggingHandler in seen["handlers"]
+    assert _TqdmLoggingHandler not in [type(h) for h in logging.getLogger().handlers]  # restored afterwards
+
+
+@pytest.mark.parametrize("names, n_channels, expected", [
+    # nnU-Net imagesTs: the _0000 channel suffix is stripped, so outputs pair with labelsTs/<case>.nii.gz
+    (["a_0000.nii.gz", "b_0000.nii.gz"], 1, ["a", "b"]),
+    (["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"], 2, ["a", "b"]),
+    # plain case ids with four digits are names, not channels
+    (["patient_0001.nii.gz", "patient_0002.nii.gz"], 1, ["patient_0001", "patient_0002"]),
+    (["a.nii.gz", "b_0000.nii.gz"], 1, ["a", "b_0000"]),
+])
+def test_predict_case_names_strip_nnunet_channel_suffixes(tmp_path, names, n_channels, expected):
+    from pipeline.inference.predict import collect_inputs
+
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert [name for name, _ in collect_inputs(tmp_path, n_channels)] == expected
+    single = collect_inputs(tmp_path / names[0], n_channels)
+    assert single[0][0] == (names[0][:-12] if names[0].endswith("_0000.nii.gz") else names[0][:-7])

@@ -17,7 +17,8 @@ from pipeline.config import (
     parse_override,
 )
 
-PARAMS = Path(__file__).resolve().parent.parent / "configs" / "params.yaml"
+REPO = Path(__file__).resolve().parent.parent
+PARAMS = REPO / "params.yaml"  # the real file; configs/params.yaml links to it
 
 
 def _write(tmp_path: Path, tree) -> Path:
@@ -228,3 +229,45 @@ def test_flat_view_uses_dotted_keys():
     assert flat["train.loss.gamma"] == 2.0
     assert flat["data.synthetic.shape"] == [128, 128, 40]
     assert "train.loss" not in flat
+
+
+def test_params_file_is_real_at_the_root_and_linked_from_configs():
+    # DVC reads a committed symlink at a git revision as its link text: the root file must be real
+    assert PARAMS.is_file() and not PARAMS.is_symlink()
+    assert (REPO / "configs" / "params.yaml").resolve() == PARAMS.resolve()
+
+
+def test_find_params_prefers_root_then_configs_then_defaults(tmp_path):
+    from pipeline.config import find_params
+
+    assert find_params(tmp_path) is None
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "params.yaml").write_text("seed: 1\n")
+    assert find_params(tmp_path) == tmp_path / "configs" / "params.yaml"
+    (tmp_path / "params.yaml").write_text("seed: 2\n")
+    assert find_params(tmp_path) == tmp_path / "params.yaml"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.loss.gama=1"],
+     "--set train.loss.gama=1: train.loss.gama: Extra inputs are not permitted (did you mean 'train.loss.gamma'?)"),
+    (["trian.epochs=3"], "--set trian.epochs=3: trian: Extra inputs are not permitted (did you mean 'train'?)"),
+    (["train.epochs=5", "train.epochs=0"], "--set train.epochs=0: train.epochs: Input should be greater than"),
+    (["train.loss={gamma: -1}"], "--set train.loss={gamma: -1}: train.loss.gamma: Input should be greater"),
+    (["train.xyzzy=1"], "--set train.xyzzy=1: train.xyzzy: Extra inputs are not permitted\n"),
+])
+def test_override_errors_name_the_override_and_suggest_a_close_key(tmp_path, overrides, expected):
+    path = _write(tmp_path, {"seed": 0})
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert (str(err.value) + "\n").startswith(expected), str(err.value)
+    assert str(path) not in str(err.value)
+
+
+def test_file_errors_name_the_file_even_with_overrides(tmp_path):
+    path = _write(tmp_path, {"train": {"epoch": 3, "loss": {"gamma": -1}}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.loss.alpha=0.25"])
+    lines = str(err.value).splitlines()
+    assert f"{path}: train.epoch: Extra inputs are not permitted (did you mean 'train.epochs'?)" in lines
+    assert f"{path}: train.loss.gamma: Input should be greater than or equal to 0" in lines

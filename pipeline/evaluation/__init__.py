@@ -17,7 +17,8 @@ components are candidates with score 1.0. Labels: lesion = ``label == lesion_lab
 nonzero).
 
 Candidates are the 26-connected components of ``probability >= extraction_threshold`` (default 0.1),
-scored by their maximum (or mean) probability; GT lesions are the 26-connected components of the lesion
+scored by their maximum (or mean) probability (``extraction: static``), or PI-CAI's peak-relative
+candidates (``extraction: dynamic``, :mod:`~pipeline.evaluation.candidates`); GT lesions are the 26-connected components of the lesion
 label. A candidate hits a lesion when IoU >= ``iou_threshold`` (default 0.1, inclusive), or with
 ``hit_criterion="peak"`` when its maximum voxel lies in the lesion, or with ``"distance"`` when its
 centroid is closer than the lesion's equivalent radius to the lesion centroid (mm). One candidate may

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.config import EvaluationConfig
 from pipeline.evaluation import froc as F
+from pipeline.evaluation.candidates import extraction_params, extraction_record
 from pipeline.evaluation.lesions import (
     CaseMatch,
     as_affine,
@@ -61,6 +62,7 @@ class EvaluationResult:
     voxel: dict[str, dict]  # class name -> summarize_class(...)
     bootstrap: F.BootstrapResult | None
     settings: dict[str, Any] = field(default_factory=dict)
+    extraction: dict[str, Any] = field(default_factory=dict)  # candidate extraction + hit rule (metrics.json)
 
     @property
     def cpm_ci95(self) -> tuple[float, float] | None:
@@ -97,6 +99,7 @@ class EvaluationResult:
             "hd95_mm": {name: v["hd95_mm"] for name, v in self.voxel.items()},
             "surface_dice": {name: v["surface_dice"] for name, v in self.voxel.items()},
             "voxel_metrics": self.voxel,
+            "extraction": self.extraction,
             "settings": self.settings,
         }
         return json_safe(out)
@@ -182,7 +185,7 @@ def evaluate_case(scan: str, pred: np.ndarray, gt: np.ndarray, spacing_or_affine
     match = match_case(scan, score_map, gmask, affine, is_label_map=is_label,
                        extraction_threshold=cfg.extraction_threshold, score=cfg.score,
                        hit_criterion=cfg.hit_criterion, iou_threshold=cfg.iou_threshold,
-                       max_candidates=cfg.max_candidates_per_scan)
+                       max_candidates=cfg.max_candidates_per_scan, dynamic=extraction_params(cfg))
     scores: dict[str, VoxelScores] = {}
     if voxel_metrics:
         spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
@@ -219,7 +222,8 @@ def summarize(cases: list[CaseMatch], voxel: dict[str, list[VoxelScores]], cfg: 
         boot = F.bootstrap_froc([(c.lesion_score, c.fp_scores) for c in cases], rates, cfg.bootstrap,
                                 cfg.bootstrap_seed, grid)
     all_settings = {
-        "extraction_threshold": cfg.extraction_threshold, "score": cfg.score,
+        "extraction": cfg.extraction, "extraction_threshold": cfg.extraction_threshold,
+        "dynamic": cfg.dynamic.model_dump(), "score": cfg.score,
         "hit_criterion": cfg.hit_criterion, "iou_threshold": cfg.iou_threshold, "fp_rates": list(rates),
         "bootstrap": cfg.bootstrap, "bootstrap_seed": cfg.bootstrap_seed,
         "size_buckets_mm": list(cfg.size_buckets_mm), "surface_tolerance_mm": cfg.surface_tolerance_mm,
@@ -231,6 +235,7 @@ def summarize(cases: list[CaseMatch], voxel: dict[str, list[VoxelScores]], cfg: 
         cases=list(cases), curve=curve, fp_rates=rates, cpm=float(np.mean(sens)), sensitivity_at_fp=sens,
         operating_points=[o for o in ops if o.target_fp_rate in rates], operating_point=op, by_size=by_size,
         voxel={name: summarize_class(v) for name, v in voxel.items()}, bootstrap=boot, settings=all_settings,
+        extraction=extraction_record(cfg),
     )
 
 

@@ -2,9 +2,11 @@
 
 Conventions (the LUNA16 ones, see also :mod:`pipeline.evaluation`):
 
-* **Candidates** are the 26-connected components of ``probability >= extraction_threshold``, each
-  scored by its maximum probability (``score="max"``) or its mean probability (``"mean"``). A label or
-  binary prediction map gives one candidate per 26-connected component of its lesion voxels, score 1.0.
+* **Candidates** (static extraction) are the 26-connected components of
+  ``probability >= extraction_threshold``, each scored by its maximum probability (``score="max"``) or
+  its mean probability (``"mean"``); with dynamic extraction, PI-CAI's peak-relative candidates
+  (:mod:`pipeline.evaluation.candidates`), scored by their peak. A label or binary prediction map gives
+  one candidate per 26-connected component of its lesion voxels, score 1.0, in either mode.
 * **GT lesions** are the 26-connected components of the lesion label (``label == lesion_label``, or any
   nonzero label when ``lesion_label`` is None).
 * **Hit** (``hit_criterion``):
@@ -30,9 +32,11 @@ component: a noisy map can have tens of thousands of components.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from pipeline.evaluation.candidates import DynamicExtraction, dynamic_candidates
 
 FP, TP, IGNORED = 0, 1, 2
 CANDIDATE_OUTCOMES = {FP: "fp", TP: "tp", IGNORED: "ignored"}
@@ -253,15 +257,24 @@ def _component_table(shape: tuple[int, ...], n: int, idx: np.ndarray, lab: np.nd
 
 
 def extract_candidates(score_map: np.ndarray, threshold: float, affine, score: str = "max",
-                       is_label_map: bool = False) -> tuple[np.ndarray, ComponentTable]:
-    """Candidates of one scan: 26-connected components of ``score_map >= threshold``.
+                       is_label_map: bool = False,
+                       dynamic: DynamicExtraction | None = None) -> tuple[np.ndarray, ComponentTable]:
+    """Candidates of one scan: static (components at a fixed level) or dynamic (grown from each peak).
+
+    * static (``dynamic`` None): the 26-connected components of ``score_map >= threshold``, scored by
+      their max or mean probability;
+    * dynamic: PI-CAI's peak-relative candidates (:func:`pipeline.evaluation.candidates.dynamic_candidates`,
+      ``extract_lesion_candidates(..., threshold="dynamic")`` voxel for voxel), scored by their (rounded)
+      peak; the reference's 0-confidence whole-volume candidate (every component too small) is dropped,
+      as it is invisible in PI-CAI's detection map.
 
     Args:
         score_map: ``(X, Y, Z)`` lesion probability, or a boolean lesion mask when ``is_label_map``.
-        threshold: extraction threshold (probability; ignored for label maps).
+        threshold: static extraction threshold (probability; unused by dynamic and label maps).
         affine: 4x4 voxel-to-world affine (mm) or a spacing triple (mm).
-        score: ``"max"`` or ``"mean"`` probability over the component's voxels.
-        is_label_map: every component gets score 1.0.
+        score: ``"max"`` or ``"mean"`` probability over the component's voxels (static only).
+        is_label_map: every component of the mask is a candidate with score 1.0 (either mode).
+        dynamic: the peak-relative extraction's parameters, or None for static.
 
     Returns:
         (label image ``(X, Y, Z)`` with ids 1..N, :class:`ComponentTable` of N candidates)
@@ -273,8 +286,17 @@ def extract_candidates(score_map: np.ndarray, threshold: float, affine, score: s
         table = _component_table(mask.shape, n, idx, lab, affine, values=mask, score="max")
         return labels, table
     score_map = np.ascontiguousarray(score_map)
-    labels, n, idx, lab = _connected(score_map >= threshold)
-    return labels, _component_table(score_map.shape, n, idx, lab, affine, values=score_map, score=score)
+    if dynamic is None:
+        labels, n, idx, lab = _connected(score_map >= threshold)
+        return labels, _component_table(score_map.shape, n, idx, lab, affine, values=score_map, score=score)
+    labels, scores = dynamic_candidates(score_map, dynamic)
+    if scores.size and not np.all(scores > 0):
+        labels = np.zeros(labels.shape, labels.dtype)  # only the whole-volume 0-confidence one can be 0
+        scores = scores[:0]
+    idx = np.flatnonzero(labels)
+    lab = labels.reshape(-1)[idx].astype(np.intp)
+    table = _component_table(score_map.shape, scores.size, idx, lab, affine, values=score_map, score="max")
+    return labels, replace(table, score=scores.copy())
 
 
 def extract_lesions(lesion_mask: np.ndarray, affine) -> tuple[np.ndarray, ComponentTable]:
@@ -366,7 +388,7 @@ def resolve_hits(scores: np.ndarray, n_lesions: int, pair_c: np.ndarray,
 def match_case(scan: str, score_map: np.ndarray, lesion_mask: np.ndarray, affine, *,
                is_label_map: bool = False, extraction_threshold: float = 0.1, score: str = "max",
                hit_criterion: str = "iou", iou_threshold: float = 0.1,
-               max_candidates: int | None = None) -> CaseMatch:
+               max_candidates: int | None = None, dynamic: DynamicExtraction | None = None) -> CaseMatch:
     """Extract candidates and GT lesions of one scan and match them (see the module conventions).
 
     Args:
@@ -377,6 +399,7 @@ def match_case(scan: str, score_map: np.ndarray, lesion_mask: np.ndarray, affine
         affine: 4x4 voxel-to-world affine (mm) or a spacing triple (mm).
         extraction_threshold, score, hit_criterion, iou_threshold: see the module docstring.
         max_candidates: keep at most this many candidates (highest scores), warn when exceeded.
+        dynamic: peak-relative extraction parameters (None: static at ``extraction_threshold``).
 
     Returns:
         :class:`CaseMatch`.
@@ -384,7 +407,8 @@ def match_case(scan: str, score_map: np.ndarray, lesion_mask: np.ndarray, affine
     affine = as_affine(affine)
     if score_map.shape != lesion_mask.shape:
         raise ValueError(f"{scan}: prediction shape {score_map.shape} != label shape {lesion_mask.shape}")
-    cand_labels, cands = extract_candidates(score_map, extraction_threshold, affine, score, is_label_map)
+    cand_labels, cands = extract_candidates(score_map, extraction_threshold, affine, score, is_label_map,
+                                            dynamic)
     gt_labels, lesions = extract_lesions(lesion_mask, affine)
     n_total, n_dropped = len(cands), 0
     remap = np.arange(n_total + 1)

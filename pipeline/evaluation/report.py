@@ -136,3 +136,46 @@ def write_report(output: Path, result: EvaluationResult, metrics: dict[str, Any]
     write_lesions_csv(output / "lesions.csv", result.cases, tuple(result.settings.get("size_buckets_mm", ())))
     plot_froc(output / "froc.png", result)
     write_json(output / "metrics.json", metrics if metrics is not None else result.to_metrics())
+
+
+def plot_extraction(path: Path, prob: np.ndarray, lesion_mask: np.ndarray, z: int, static_threshold: float,
+                    dynamic, titles: tuple[str, str] = ("static", "dynamic")) -> None:
+    """PNG of one axial slice: the same prediction and lesions, static vs dynamic candidates side by side.
+
+    Args:
+        path: output PNG.
+        prob: ``(X, Y, Z)`` lesion probability.
+        lesion_mask: ``(X, Y, Z)`` bool GT lesions (white contours).
+        z: slice index.
+        static_threshold: the static level.
+        dynamic: :class:`pipeline.evaluation.candidates.DynamicExtraction`.
+        titles: panel titles (candidate count and each lesion's best IoU are appended).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.evaluation.lesions import extract_candidates, match_case
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4), constrained_layout=True)
+    axes[0].imshow(prob[:, :, z].T, cmap="magma", vmin=0, vmax=1, origin="lower")
+    axes[0].contour(lesion_mask[:, :, z].T, levels=[0.5], colors="w", linewidths=1)
+    axes[0].set_title("probability, lesions (white)")
+    for ax, dyn, title in zip(axes[1:], (None, dynamic), titles):
+        m = match_case("example", prob, lesion_mask, (1.0, 1.0, 1.0), extraction_threshold=static_threshold,
+                       dynamic=dyn)
+        labels, _ = extract_candidates(prob, static_threshold, (1.0, 1.0, 1.0), dynamic=dyn)
+        shown = np.ma.masked_equal(labels[:, :, z].T, 0)
+        ax.imshow(prob[:, :, z].T, cmap="gray", vmin=0, vmax=1, origin="lower")
+        ax.imshow(shown, cmap="tab10", vmin=0.5, vmax=10.5, alpha=0.6, origin="lower", interpolation="nearest")
+        ax.contour(lesion_mask[:, :, z].T, levels=[0.5], colors="w", linewidths=1)
+        ious = ", ".join(f"{v:.2f}" for v in m.lesion_iou)
+        n_fp = int(np.count_nonzero(m.candidate_outcome == 0))
+        ax.set_title(f"{title}: {len(m.candidates)} candidates, {n_fp} FP\nlesion IoU {ious}", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -5,7 +5,8 @@ MLflow as a child of the training run's pipeline run.
 
 Outputs: ``paths.predictions/{probabilities,labels}/<case>.nii.gz`` and, in ``paths.evaluation``,
 ``metrics.json``, ``froc.csv``, ``lesions.csv``, ``froc.png``, ``lesion_views/`` (and ``per_class/<name>/``
-when there are several lesion classes).
+when there are several lesion classes); in ``paths.metrics`` (git-tracked, what DVC experiments compare):
+``metrics.json`` and the step-vertex ``froc.csv`` (see :mod:`pipeline.dvc_metrics`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.dvc_metrics import write_evaluation_metrics
 from pipeline.io.atomic import atomic_dir
 from pipeline.io.formats import read_volume, write_volume
 
@@ -30,10 +32,10 @@ def _predict_test_scans(cfg: Config, ds, test_ids: list[str], pred_dir: Path, pr
     from tqdm import tqdm
 
     from pipeline.evaluation.voxel_metrics import voxel_scores
-    from pipeline.inference.predict import load_model, predict_volume
+    from pipeline.inference.predict import load_predictor, predict_volume
     from pipeline.io.dataset import read_case_image, read_case_label
 
-    loaded = load_model(Path(cfg.paths.models) / "best.pt", cfg.inference.device)
+    loaded = load_predictor(checkpoint_paths(cfg), cfg.inference.device)  # several: an ensemble
     lesion_names = {k: ds.labels[k] for k in loaded.lesion_labels}
     voxel: dict[str, list] = {name: [] for k, name in ds.labels.items() if k != 0}
     with atomic_dir(pred_dir) as tmp:
@@ -56,6 +58,11 @@ def _predict_test_scans(cfg: Config, ds, test_ids: list[str], pred_dir: Path, pr
     return voxel
 
 
+def checkpoint_paths(cfg: Config) -> list[Path]:
+    """``inference.checkpoints`` (their probabilities are averaged), or the train stage's ``best.pt``."""
+    return [Path(p) for p in cfg.inference.checkpoints] or [Path(cfg.paths.models) / "best.pt"]
+
+
 def _cases(prob_dir: Path, ds, test_ids: list[str], lesion_values: list[int], remap) -> Iterator[tuple]:
     """(scan, lesion probability, GT lesion mask as 0/1, affine), read lazily one scan at a time."""
     from pipeline.io.dataset import read_case_label
@@ -72,6 +79,7 @@ def run_evaluation_stage(cfg: Config, progress: bool = True) -> dict[str, Any]:
     from pipeline.evaluation.report import write_report
     from pipeline.evaluation.voxel_metrics import summarize_class
     from pipeline.tracking import create_tracker, lineage_tags, read_run_ref
+    from pipeline.tracking.pipeline_run import finish_pipeline_run, open_pipeline_run
 
     tracker = create_tracker(cfg.tracking)  # fails fast, before any work
     models = Path(cfg.paths.models)
@@ -83,7 +91,8 @@ def run_evaluation_stage(cfg: Config, progress: bool = True) -> dict[str, Any]:
     pred_dir, out = Path(cfg.paths.predictions), Path(cfg.paths.evaluation)
     lesion_labels = list(cfg.data.lesion_labels)
 
-    with tracker.start("evaluate", parent_run_id=ref.get("parent_run_id"),
+    parent, _ = open_pipeline_run(tracker, cfg, prefer=ref.get("parent_run_id"))  # the training run's parent
+    with tracker.start("evaluate", parent_run_id=parent,
                        tags={**lineage_tags(cfg.paths.raw), "train_run_id": ref.get("run_id") or ""}) as run:
         run.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("evaluation", "inference")})
         voxel = _predict_test_scans(cfg, ds, test_ids, pred_dir, progress)
@@ -106,8 +115,12 @@ def run_evaluation_stage(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 m = res.to_metrics()
                 metrics["per_class"][name] = {key: m[key] for key in ("cpm", "cpm_ci95", "sensitivity_at_fp",
                                                                      "lesions_total", "by_size")}
-        metrics["settings"].update({"model": str(models / "best.pt"), "test_scans": test_ids})
+        metrics["settings"].update({"model": ", ".join(str(p) for p in checkpoint_paths(cfg)),
+                                    "test_scans": test_ids})
         write_report(out, result, metrics)
+        write_evaluation_metrics(Path(cfg.paths.metrics), metrics, cfg.evaluation.fp_rates,
+                                 [ds.labels[k] for k in lesion_labels], result.curve.fps_per_scan,
+                                 result.curve.sensitivity)  # the headline numbers experiments compare
         _export_views(cfg, ds, test_ids, out)
 
         flat = {"cpm": metrics["cpm"], "lesions_total": metrics["lesions_total"]}
@@ -117,6 +130,10 @@ def run_evaluation_stage(cfg: Config, progress: bool = True) -> dict[str, Any]:
         for name, m in metrics.get("per_class", {}).items():
             flat[f"cpm_{name}"] = m["cpm"]
         run.log_metrics({k: float(v) for k, v in flat.items() if isinstance(v, (int, float))})
+        ci = metrics.get("cpm_ci95")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2:
+            flat.update({"cpm_ci95_low": ci[0], "cpm_ci95_high": ci[1]})
+        finish_pipeline_run(run, parent, ref, cfg.tracking, flat)  # parent metrics, version tags, champion alias
         for name in ("metrics.json", "froc.csv", "lesions.csv", "froc.png"):
             run.log_artifact(out / name, "evaluation")
         if (out / "lesion_views").exists():

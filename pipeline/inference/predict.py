@@ -4,10 +4,11 @@ exact geometry (shape, spacing, origin, direction).
 scan --preprocess_case (plan from the checkpoint)--> sliding window --> class probabilities
      --invert_case (the per-scan record)--> original grid --> lesion probability + post-processed labels
 
-Post-processing works on lesion candidates (26-connected components of the lesion classes in the label
-map): a candidate is removed when its volume is below ``inference.min_component_mm3`` or its score (max
-lesion probability) is below the operating threshold chosen on validation scans. It never keeps only
-the largest component: that would delete every other lesion of a multi-lesion scan.
+The label map is built from the lesion candidates the operating point was chosen on (the checkpoint's
+``evaluation`` settings, static or dynamic extraction; :mod:`pipeline.inference.label_map`): a candidate
+is lesion when its score >= the stored threshold (and its volume >= ``inference.min_component_mm3``),
+its class is the lesion class with the largest summed probability inside it. It never keeps only the
+largest component: that would delete every other lesion of a multi-lesion scan.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cc3d
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.config import Config, InferenceConfig, config_from_dict
+from pipeline.inference.label_map import candidate_label_map
 from pipeline.inference.sliding_window import lesion_probability, predict_probabilities
 from pipeline.io.dataset import Case, read_case_image
 from pipeline.io.formats import NIFTI_SUFFIXES, image_suffix, is_volume_path, strip_suffix, write_volume
@@ -31,6 +33,9 @@ from pipeline.io.volume import Volume, grid_mismatch
 from pipeline.model.factory import build_model
 from pipeline.training.checkpoint import CheckpointError, load_checkpoint
 from pipeline.training.loop import resolve_device
+
+if TYPE_CHECKING:
+    from pipeline.inference.ensemble import ModelEnsemble
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,12 @@ class LoadedModel:
     def patch_size(self) -> tuple[int, ...]:
         return tuple(self.cfg.train.patch_size or self.plan["patch_size"])
 
+    def probabilities(self, image: torch.Tensor, inference: InferenceConfig, progress: bool = False) -> torch.Tensor:
+        """(C, X, Y, Z) preprocessed image -> (K, X, Y, Z) float32 class probabilities on the CPU (sliding
+        window, mirror TTA as configured). :class:`~pipeline.inference.ensemble.ModelEnsemble` averages these."""
+        return predict_probabilities(self.model, image, self.patch_size, inference, self.cfg.train.loss.mode,
+                                     self.device, progress=progress)
+
 
 def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
     """Rebuild the network from a checkpoint's own config and plan (the current config is not needed)."""
@@ -70,32 +81,6 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
     return LoadedModel(model, cfg, plan, state.get("operating_point"), dev)
 
 
-def postprocess_labels(labels: np.ndarray, probs: np.ndarray, lesion_prob: np.ndarray, lesion_labels: list[int],
-                       voxel_volume_mm3: float, min_volume_mm3: float, min_score: float) -> np.ndarray:
-    """Remove lesion candidates below ``min_volume_mm3`` or with max lesion probability below ``min_score``.
-
-    Removed voxels take the most probable non-lesion class. All statistics come from one labelling pass.
-    """
-    lesion = np.isin(labels, lesion_labels)
-    comp = cc3d.connected_components(lesion, connectivity=26)
-    n = int(comp.max())
-    if n == 0:
-        return labels
-    flat = comp.ravel()
-    sizes = np.bincount(flat, minlength=n + 1)
-    peak = np.zeros(n + 1)
-    np.maximum.at(peak, flat, lesion_prob.ravel())
-    drop = (sizes * voxel_volume_mm3 < min_volume_mm3) | (peak < min_score)
-    drop[0] = False
-    remove = drop[comp]
-    if remove.any():
-        other = probs.copy()
-        other[lesion_labels] = -1.0
-        labels = labels.copy()
-        labels[remove] = other.argmax(0)[remove]
-    return labels
-
-
 @dataclass
 class Prediction:
     """One scan's prediction, every Volume in the input scan's exact geometry."""
@@ -105,9 +90,9 @@ class Prediction:
     class_probabilities: Volume  # (K, X, Y, Z) float32
 
 
-def predict_volume(loaded: LoadedModel, image: Volume, inference: InferenceConfig,
+def predict_volume(loaded: LoadedModel | ModelEnsemble, image: Volume, inference: InferenceConfig,
                    progress: bool = False) -> Prediction:
-    """Predict one scan; see :class:`Prediction`."""
+    """Predict one scan with one model or an ensemble (mean probabilities); see :class:`Prediction`."""
     from pipeline.preprocessing.transform import invert_case, preprocess_case
 
     plan, mode = loaded.plan, loaded.cfg.train.loss.mode
@@ -116,19 +101,16 @@ def predict_volume(loaded: LoadedModel, image: Volume, inference: InferenceConfi
         raise ValueError(f"input has {image.n_channels} channel(s); the model expects {expected} "
                          f"({', '.join(plan['channel_names'])})")
     array, _, record = preprocess_case(image, None, plan, loaded.cfg.preprocess)
-    probs = predict_probabilities(loaded.model, torch.from_numpy(array), loaded.patch_size, inference, mode,
-                                  loaded.device, progress=progress).numpy()
+    probs = loaded.probabilities(torch.from_numpy(array), inference, progress=progress).numpy()
     back = invert_case(probs, record, "prob")
     if grid_mismatch(back, image) or not np.array_equal(back.affine, image.affine):
         raise RuntimeError("internal error: inverse mapping did not restore the input geometry")
     class_probs = back.data.astype(np.float32, copy=False)
     lesion = lesion_probability(torch.from_numpy(class_probs), loaded.lesion_labels, mode).numpy()
-    labels = class_probs.argmax(0).astype(np.uint8)
+    # the candidates (and settings) the stored operating point was chosen on, thresholded at it
     threshold = (loaded.operating_point or {}).get("threshold")
-    threshold = 0.0 if threshold is None or not np.isfinite(threshold) else float(threshold)
-    voxel_mm3 = float(np.prod(image.spacing))
-    labels = postprocess_labels(labels, class_probs, lesion, loaded.lesion_labels, voxel_mm3,
-                                inference.min_component_mm3, threshold)
+    labels = candidate_label_map(class_probs, lesion, loaded.lesion_labels, loaded.cfg.evaluation, threshold,
+                                 float(np.prod(image.spacing)), inference.min_component_mm3)
     return Prediction(Volume(lesion[None].astype(np.float32), image.affine), Volume(labels[None], image.affine),
                       Volume(class_probs, image.affine))
 
@@ -144,18 +126,26 @@ def collect_inputs(path: Path, n_channels: int) -> list[tuple[str, list[Path]]]:
     """
     if path.is_file() or (path.is_dir() and not any(is_volume_path(p) and p.is_file() for p in path.iterdir())
                           and not any(p.is_dir() for p in path.iterdir())):
-        return [(strip_suffix(path), [path])]
+        return [(_strip_channel_0(strip_suffix(path)), [path])]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: input not found")
     files = sorted(p for p in path.iterdir() if (p.is_file() and is_volume_path(p)) or p.is_dir())
     if not files:
         raise FileNotFoundError(f"{path}: no images found (supported: .nii, .nii.gz, .nrrd, .mha, .mhd, DICOM folders)")
     groups: dict[str, list[Path]] = {}
+    # one channel: an nnU-Net folder names every scan <case>_0000 (strip it, so that outputs pair with
+    # labelsTs/<case>); a folder of plain names keeps them (4-digit case ids such as patient_0001 stay)
+    nnunet_single = n_channels == 1 and all(_strip_channel_0(strip_suffix(f)) != strip_suffix(f) for f in files)
     for f in files:
         m = _CHANNEL.match(strip_suffix(f))
-        key = m.group("case") if (m and n_channels > 1) else strip_suffix(f)
+        key = m.group("case") if (m and (n_channels > 1 or nnunet_single)) else strip_suffix(f)
         groups.setdefault(key, []).append(f)
     return sorted(groups.items())
+
+
+def _strip_channel_0(name: str) -> str:
+    """``case_0000`` -> ``case`` (nnU-Net's channel-0 suffix); other names unchanged."""
+    return name[:-5] if _CHANNEL.match(name) and name.endswith("_0000") else name
 
 
 def output_suffix(source: Path, output_format: str) -> str:
@@ -165,13 +155,22 @@ def output_suffix(source: Path, output_format: str) -> str:
     return suffix
 
 
-def predict_paths(cfg: Config, model_path: Path, input_path: Path, output_dir: Path, progress: bool = True,
-                  output_format: str = "input") -> list[Path]:
+def load_predictor(paths: Path | str | Sequence[Path | str], device: str = "auto") -> LoadedModel | ModelEnsemble:
+    """One checkpoint: its model; several: a :class:`~pipeline.inference.ensemble.ModelEnsemble`."""
+    from pipeline.inference.ensemble import load_ensemble
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    return load_model(paths[0], device) if len(paths) == 1 else load_ensemble(paths, device)
+
+
+def predict_paths(cfg: Config, model_path: Path | Sequence[Path], input_path: Path, output_dir: Path,
+                  progress: bool = True, output_format: str = "input") -> list[Path]:
     """Predict every scan under ``input_path``; writes ``output_dir/probabilities/<case><suffix>`` and
-    ``output_dir/labels/<case><suffix>`` (file names match the inputs, so ``evaluate`` can pair them)."""
+    ``output_dir/labels/<case><suffix>`` (file names match the inputs, so ``evaluate`` can pair them).
+    Several checkpoints in ``model_path``: their probabilities are averaged (an ensemble)."""
     from tqdm import tqdm
 
-    loaded = load_model(model_path, cfg.inference.device)
+    loaded = load_predictor(model_path, cfg.inference.device)
     cases = collect_inputs(input_path, len(loaded.plan["channel_names"]))
     written = []
     for name, files in tqdm(cases, desc="predict", unit="scan", disable=not progress):

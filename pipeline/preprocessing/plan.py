@@ -12,7 +12,12 @@
   ``patch voxels x 2 <= budget``, then take the largest batch that fits (capped at 5 % of the data set's
   voxels, at least 2). Budgets: ``cpu`` = ``cpu_budget_mvoxels`` million voxels of patch x batch; ``gpu`` =
   ``gpu_budget_gb`` at about ``64 x base_filters`` bytes per voxel (activations of a U-Net under AMP;
-  nnU-Net's default 128^3 x 2 at 32 filters lands near 9 GB).
+  nnU-Net's default 128^3 x 2 at 32 filters lands near 9 GB); ``auto`` (default) = ``gpu`` when CUDA is
+  available where the plan is made, else ``cpu``.
+* **Network width** for that budget: the GPU plan is nnU-Net's, 32 filters doubling per stage up to 320; the
+  CPU plan narrows it to ``cpu_base_filters`` .. ``cpu_max_filters`` (same topology: full-resolution first
+  stage, two convolutions per stage; measured step times in docs/model.md). ``train.model.base_filters`` /
+  ``max_filters``, when set, override both.
 * **Intensity scheme** per channel (:mod:`.normalize`), with the CT clip / mean / std from the pooled
   foreground of the fingerprint.
 
@@ -30,13 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, PreprocessConfig
+from pipeline.config import Config, ModelConfig, PreprocessConfig
 from pipeline.io.dataset import Dataset
 from pipeline.preprocessing.fingerprint import QUANTILE_GRID
 from pipeline.preprocessing.normalize import resolve_schemes
 from pipeline.preprocessing.resample import target_shape
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: network filters chosen by the budget kind (CPU / GPU); memory_budget "auto"
 MIN_FEATURE_MAP = 4  # voxels per axis at the bottleneck
 MIN_PATCH = 16  # voxels per axis, where the image allows
 DEFAULT_MAX_STAGES = 6
@@ -133,6 +138,27 @@ def plan_patch(
         patch[axis] -= steps[axis]
 
 
+def resolve_budget_kind(memory_budget: str, cuda_available: bool | None = None) -> str:
+    """``"auto"`` -> ``"gpu"`` when CUDA is available (``cuda_available``, None: ask torch), else ``"cpu"``."""
+    if memory_budget != "auto":
+        return memory_budget
+    if cuda_available is None:
+        import torch  # lazy: only the auto budget needs it
+
+        cuda_available = torch.cuda.is_available()
+    return "gpu" if cuda_available else "cpu"
+
+
+def planned_filters(model: ModelConfig, pre: PreprocessConfig, kind: str) -> tuple[int, int]:
+    """(base, max) filters of the planned network: the config's when set, else nnU-Net's 32 / 320 on the GPU
+    plan and ``preprocess.cpu_base_filters`` / ``cpu_max_filters`` on the CPU plan."""
+    from pipeline.model.factory import NNUNET_BASE_FILTERS, NNUNET_MAX_FILTERS
+
+    base, top = (NNUNET_BASE_FILTERS, NNUNET_MAX_FILTERS) if kind == "gpu" else (pre.cpu_base_filters,
+                                                                                 pre.cpu_max_filters)
+    return model.base_filters or base, model.max_filters or top
+
+
 def _quantile(fp_channel: dict[str, Any], percentile: float) -> float:
     table = fp_channel.get("quantiles")
     if not table:
@@ -161,7 +187,8 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> dic
         fingerprint: :func:`pipeline.preprocessing.fingerprint.compute_fingerprint` output.
         dataset: the data set (``labels``, ``channel_names``).
         cfg: the whole :class:`pipeline.config.Config` (``preprocess``, ``data.lesion_labels``,
-            ``train.model.base_filters`` / ``max_filters`` / ``depth``).
+            ``train.model.base_filters`` / ``max_filters`` / ``depth``). ``preprocess.memory_budget: auto``
+            asks torch whether CUDA is available here.
 
     Returns:
         JSON-able plan with ``target_spacing_mm``, ``patch_size``, ``batch_size``, ``network`` (``strides``,
@@ -191,10 +218,12 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> dic
 
     model = cfg.train.model
     max_stages = model.depth if model.depth is not None else DEFAULT_MAX_STAGES
-    if pre.memory_budget == "cpu":
+    kind = resolve_budget_kind(pre.memory_budget)
+    base_filters, max_filters = planned_filters(model, pre, kind)
+    if kind == "cpu":
         budget = pre.cpu_budget_mvoxels * 1e6
     else:
-        budget = pre.gpu_budget_gb * 1e9 / (BYTES_PER_VOXEL_PER_FILTER * model.base_filters)
+        budget = pre.gpu_budget_gb * 1e9 / (BYTES_PER_VOXEL_PER_FILTER * base_filters)
     if pre.patch_size is not None:
         requested = [int(n) for n in pre.patch_size]
         patch, topo = fit_patch(
@@ -212,7 +241,7 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> dic
         batch = max(MIN_BATCH, min(fits, cap)) if fits >= MIN_BATCH else max(1, fits)
 
     n_stages = len(topo["strides"])
-    filters = [min(model.base_filters * 2**i, model.max_filters) for i in range(n_stages)]
+    filters = [min(base_filters * 2**i, max_filters) for i in range(n_stages)]
 
     schemes = resolve_schemes(dataset.channel_names, pre.intensity.scheme)
     lo_pct, hi_pct = pre.intensity.ct_clip_percentiles
@@ -246,7 +275,8 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> dic
         "patch_size_requested": requested,
         "batch_size": batch,
         "budget": {
-            "kind": pre.memory_budget,
+            "kind": kind,
+            "requested": pre.memory_budget,
             "voxels": float(budget),
             "patch_voxels_x_batch": patch_voxels * batch,
         },

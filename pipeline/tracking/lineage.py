@@ -5,8 +5,12 @@ Tag names (all values are strings):
 =====================  ======================================================================
 ``git.commit``         ``git rev-parse HEAD`` (absent outside a git repository or before the first commit);
                        also written as MLflow's ``mlflow.source.git.commit`` so the UI shows it
-``git.dirty``          ``true`` if ``git status --porcelain`` lists anything (modified, staged or
-                       untracked-but-not-ignored files): the commit alone does not reproduce the run
+``git.dirty``          ``true`` if a tracked file is modified or staged (``git status --porcelain
+                       --untracked-files=no``), DVC's own files excepted (``dvc.lock``, ``.dvc/``,
+                       ``.gitignore`` files, which ``dvc repro`` itself writes): the commit alone does
+                       not reproduce the run. Untracked files do not count (a fresh clone after
+                       ``dvc repro`` has an untracked ``dvc.lock`` and ``.dvc/``)
+``git.dirty_files``    up to 20 of the files that made it dirty, comma-separated (only when dirty)
 ``dvc.exp_name``       ``$DVC_EXP_NAME``, set by ``dvc exp run`` for every stage command
 ``dvc.exp_baseline``   ``$DVC_EXP_BASELINE_REV`` (the commit the experiment is based on), with the above
 ``dvc.stage``          ``$DVC_STAGE``, set by ``dvc repro`` / ``dvc exp run``
@@ -48,16 +52,44 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+# written by DVC itself during `dvc repro` / `dvc exp run`: a change there says nothing about the code
+_DVC_OWN_FILES = ("dvc.lock", ".gitignore")
+_DVC_OWN_DIRS = (".dvc/",)
+
+
+def dirty_paths(porcelain: str) -> list[str]:
+    """Paths of ``git status --porcelain`` (v1) output that make a run irreproducible from its commit.
+
+    Untracked (``??``) and ignored (``!!``) entries and DVC's own files are dropped; for a rename the new
+    path is kept. Pure (no git call).
+
+    >>> dirty_paths(" M pipeline/x.py\n?? dvc.lock\n M dvc.lock\n M data/.gitignore\nA  .dvc/config\n")
+    ['pipeline/x.py']
+    """
+    paths = []
+    for line in porcelain.splitlines():
+        if len(line) < 4 or line[:2] in ("??", "!!"):
+            continue
+        path = line[3:].split(" -> ")[-1].strip().strip('"')
+        if Path(path).name in _DVC_OWN_FILES or path.startswith(_DVC_OWN_DIRS):
+            continue
+        paths.append(path)
+    return paths
+
+
 def git_tags(repo_dir: str | Path | None = None) -> dict[str, str]:
-    """``git.commit`` and ``git.dirty``; empty when git or a commit is unavailable."""
+    """``git.commit``, ``git.dirty`` (and ``git.dirty_files``); empty when git or a commit is unavailable."""
     cwd = Path(repo_dir or Path.cwd())
     commit = _git(["rev-parse", "HEAD"], cwd)
     if not commit:
         return {}
-    status = _git(["status", "--porcelain"], cwd)
+    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
     tags = {"git.commit": commit.strip(), "mlflow.source.git.commit": commit.strip()}
     if status is not None:
-        tags["git.dirty"] = "true" if status.strip() else "false"
+        dirty = dirty_paths(status)
+        tags["git.dirty"] = "true" if dirty else "false"
+        if dirty:
+            tags["git.dirty_files"] = ",".join(dirty[:20]) + (",..." if len(dirty) > 20 else "")
     return tags
 
 

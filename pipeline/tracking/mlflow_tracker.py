@@ -156,7 +156,11 @@ class Tracker:
         return self._parent_run_id
 
     def parent_run(
-        self, pipeline_key: str, run_name: str | None = None, tags: Mapping[str, Any] | None = None
+        self,
+        pipeline_key: str,
+        run_name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        prefer: str | None = None,
     ) -> str | None:
         return None
 
@@ -185,7 +189,12 @@ class Tracker:
     def log_params(self, flat: Mapping[str, Any], run_id: str | None = None) -> None:
         pass
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def merge_params(self, flat: Mapping[str, Any], run_id: str | None = None) -> None:
+        pass
+
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None
+    ) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -209,6 +218,24 @@ class Tracker:
         name: str = "model",
         serialization: str = "auto",
     ) -> dict[str, Any] | None:
+        return None
+
+    def log_scan_model(
+        self,
+        checkpoint: str | Path,
+        n_channels: int,
+        registered_model_name: str | None = None,
+        *,
+        name: str = "model",
+        version_tags: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        return None
+
+    def tag_model_version(self, name: str | None, version: int | str | None, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def promote(self, name: str | None, version: int | str | None, cpm: float | None, alias: str,
+                min_cpm: float = 0.0) -> Any:
         return None
 
     def end_parent(self, parent_run_id: str | None, status: str = "FINISHED") -> None:
@@ -275,7 +302,11 @@ class MlflowTracker(Tracker):
 
     # -- runs -------------------------------------------------------------------------------------------
     def parent_run(
-        self, pipeline_key: str, run_name: str | None = None, tags: Mapping[str, Any] | None = None
+        self,
+        pipeline_key: str,
+        run_name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        prefer: str | None = None,
     ) -> str:
         """Id of the parent run tagged ``pipeline_key=<key>``, reused unless it FAILED or was KILLED.
 
@@ -288,9 +319,18 @@ class MlflowTracker(Tracker):
                 letters, digits and ``._:+-`` only.
             run_name: name of a newly created parent.
             tags: set on a newly created parent (e.g. :func:`lineage_tags` without data).
+            prefer: a parent run id to reuse whatever its status when it carries the same key (the
+                evaluate stage passes the training run's parent: a re-run after a failed evaluation then
+                completes the execution that holds the training run).
         """
         if not _KEY_RE.match(pipeline_key):
             raise ValueError(f"pipeline_key {pipeline_key!r}: use 1-200 letters, digits or ._:+-")
+        if prefer and self._existing_parent(prefer, quiet=True) is not None:
+            run = self._client.get_run(prefer)
+            if run.data.tags.get(PIPELINE_KEY_TAG) == pipeline_key:
+                log.info("MLflow: reusing parent run %s (the training run's) for pipeline key %s", prefer,
+                         pipeline_key)
+                return prefer
         runs = self._client.search_runs(
             [self.experiment_id],
             filter_string=(
@@ -320,7 +360,7 @@ class MlflowTracker(Tracker):
     def _base_tags(self) -> dict[str, str]:
         return {"tracking.fallback_from": redact_uri(self.fallback_from)} if self.fallback_from else {}
 
-    def _existing_parent(self, parent_run_id: str | None) -> str | None:
+    def _existing_parent(self, parent_run_id: str | None, quiet: bool = False) -> str | None:
         if not parent_run_id:
             return None
         from mlflow.exceptions import MlflowException
@@ -328,6 +368,8 @@ class MlflowTracker(Tracker):
         try:
             run = self._client.get_run(parent_run_id)
         except MlflowException:
+            if quiet:
+                return None
             log.warning(
                 "MLflow: parent run %s not found in %s (written by a stage that used another store?); "
                 "this run is not linked to it.",
@@ -336,7 +378,8 @@ class MlflowTracker(Tracker):
             )
             return None
         if run.info.lifecycle_stage == "deleted":
-            log.warning("MLflow: parent run %s is deleted; this run is not linked to it.", parent_run_id)
+            if not quiet:
+                log.warning("MLflow: parent run %s is deleted; this run is not linked to it.", parent_run_id)
             return None
         return parent_run_id
 
@@ -448,11 +491,31 @@ class MlflowTracker(Tracker):
         for i in range(0, len(items), PARAMS_PER_BATCH):
             self._client.log_batch(rid, params=items[i : i + PARAMS_PER_BATCH])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log numeric metrics at ``step`` (e.g. the epoch; None -> 0). Non-finite values are kept (NaN)."""
+    def merge_params(self, flat: Mapping[str, Any], run_id: str | None = None) -> None:
+        """Log the params that ``run_id`` (e.g. the parent) does not have yet; keep the existing ones.
+
+        A key already logged with another value is left as it is (params are immutable) and reported in a
+        WARNING; a parent run's key includes the config, so this only happens for keys outside it.
+        """
+        rid = self._require_run(run_id)
+        have = self._client.get_run(rid).data.params
+        new = flat_params(flat)
+        clash = sorted(k for k, v in new.items() if k in have and have[k] != v)
+        if clash:
+            log.warning("MLflow: run %s keeps its values of %d param(s) that differ here: %s", rid,
+                        len(clash), ", ".join(clash[:10]))
+        self.log_params({k: v for k, v in new.items() if k not in have}, run_id=rid)
+
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None
+    ) -> None:
+        """Log numeric metrics at ``step`` (e.g. the epoch; None -> 0) on the active run or ``run_id``.
+
+        Non-finite values are kept (NaN).
+        """
         from mlflow.entities import Metric
 
-        rid = self._require_run()
+        rid = self._require_run(run_id)
         now = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():
@@ -565,6 +628,70 @@ class MlflowTracker(Tracker):
         }
         self.set_tags({f"model.{k}": v for k, v in result.items() if v is not None}, run_id=rid)
         return result
+
+    # -- the registered model ------------------------------------------------------------------------------
+    def log_scan_model(
+        self,
+        checkpoint: str | Path,
+        n_channels: int,
+        registered_model_name: str | None = None,
+        *,
+        name: str = "model",
+        version_tags: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Log the whole-scan pyfunc model (:mod:`pipeline.tracking.pyfunc_model`) and register it.
+
+        Args:
+            checkpoint: the ``best.pt`` to serve (it carries its config and plan).
+            n_channels: input channels (for the stored input example).
+            registered_model_name: registry name (``cfg.tracking.registered_model``); None: log only.
+            name: the model's name within the run.
+            version_tags: set on the new model version (e.g. ``git.commit``, ``data.hash``).
+
+        Returns:
+            ``{"model_uri", "model_id", "registered_model_name", "registered_model_version",
+            "flavor": "pyfunc"}``; the run also gets ``model.*`` tags with the same values.
+        """
+        rid = self._require_run()
+        mlflow = self._activate()
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != rid:
+            raise RuntimeError(f"MLflow run {rid} is not the active fluent run; log inside tracker.start()")
+        from pipeline.tracking.pyfunc_model import log_scan_model
+
+        info = log_scan_model(checkpoint, n_channels, name=name, registered_model_name=registered_model_name)
+        version = getattr(info, "registered_model_version", None)  # an int from SQLite, a str over REST
+        result = {
+            "model_uri": info.model_uri,
+            "model_id": getattr(info, "model_id", None),
+            "registered_model_name": registered_model_name,
+            "registered_model_version": int(version) if version is not None else None,
+            "flavor": "pyfunc",
+        }
+        self.set_tags({f"model.{k}": v for k, v in result.items() if v is not None}, run_id=rid)
+        if registered_model_name and version is not None:
+            self.tag_model_version(registered_model_name, version, {"train_run_id": rid, **(version_tags or {})})
+        return result
+
+    def tag_model_version(self, name: str | None, version: int | str | None, tags: Mapping[str, Any]) -> None:
+        """Set tags on a registered model version (no-op when ``name`` or ``version`` is None)."""
+        if name and version is not None:
+            from pipeline.tracking.registry import tag_version
+
+            tag_version(self._client, name, version, dict(tags))
+
+    def promote(self, name: str | None, version: int | str | None, cpm: float | None, alias: str,
+                min_cpm: float = 0.0) -> Any:
+        """Tag the version with its test CPM and move ``alias`` to it if it beats the holder.
+
+        See :func:`pipeline.tracking.registry.promote_if_better`; returns its :class:`Promotion` (None when
+        ``name`` or ``version`` is None).
+        """
+        if not name or version is None:
+            return None
+        from pipeline.tracking.registry import promote_if_better
+
+        return promote_if_better(self._client, name, version, cpm, alias, min_cpm)
 
 
 def _unwrap(model: Any) -> Any:

@@ -20,8 +20,10 @@ FORMAT_VERSION = 1
 RESUME_SECTIONS = ("seed", "preprocess", "train", "data.lesion_labels", "data.label_remap")
 
 
-# settings that do not change the trained weights (tested: batches do not depend on the worker count)
-RESUME_FREE = {"train.epochs", "train.num_workers", "train.device", "train.cache", "train.checkpoint_every"}
+# settings that do not change the trained weights (tested: batches do not depend on the worker count), or
+# that only say how long to go on (epochs, the wall-clock budget: a resumed run may be given more)
+RESUME_FREE = {"train.epochs", "train.time_budget_min", "train.num_workers", "train.device", "train.cache",
+               "train.checkpoint_every"}
 
 
 class CheckpointError(ValueError):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.evaluation.candidates import extraction_params
 from pipeline.evaluation.froc import cpm, froc_curve, operating_points, sensitivity_at
 from pipeline.evaluation.lesions import match_case
 from pipeline.inference.sliding_window import lesion_probability, predict_probabilities
@@ -45,7 +46,7 @@ def validate(model: nn.Module, cases: list[PreprocessedCase], plan: dict[str, An
         matches.append(match_case(case.case_id, lesion_prob, truth, case.spacing_mm,
                                   extraction_threshold=ev.extraction_threshold, score=ev.score,
                                   hit_criterion=ev.hit_criterion, iou_threshold=ev.iou_threshold,
-                                  max_candidates=ev.max_candidates_per_scan))
+                                  max_candidates=ev.max_candidates_per_scan, dynamic=extraction_params(ev)))
         predicted = np.isin(probs.argmax(0).numpy(), lesion_labels)
         if truth.any() or predicted.any():
             dices.append(dice_score(predicted, truth))

@@ -102,3 +102,65 @@ def test_split_is_always_a_partition(flags, val, test, seed):
     _check_partition(cases, split)
     assert split["train"], "training is never empty"
     assert split == stratified_split(cases, val, test, seed)
+
+
+# ------------------------------------------------------------------------------------ cross-validation folds
+
+from pipeline.data.splits import FoldsError, fold_cases, load_or_make_folds, make_folds  # noqa: E402
+
+
+def test_folds_are_stratified_balanced_and_partition_the_cases():
+    cases = _cases(7, 11)
+    folds = make_folds(cases, n_folds=5, seed=0)
+    assert len(folds) == 5
+    vals = [set(f["val"]) for f in folds]
+    assert set().union(*vals) == set(cases) and sum(len(v) for v in vals) == len(cases)  # a partition
+    for fold, val in zip(folds, vals, strict=True):
+        assert set(fold["train"]) == set(cases) - val and fold["val"] == sorted(fold["val"])
+    # 18 scans: sizes 4,4,4,3,3; 7 lesion scans dealt first: 2,2,1,1,1 per fold
+    assert sorted(len(v) for v in vals) == [3, 3, 4, 4, 4]
+    assert sorted(sum(cases[c] for c in v) for v in vals) == [1, 1, 1, 2, 2]
+    assert make_folds(dict(reversed(list(cases.items()))), 5, seed=0) == folds  # deterministic
+    assert make_folds(cases, 5, seed=1) != folds
+
+
+def test_too_few_scans_for_the_folds():
+    with pytest.raises(ValueError, match="3 scan\\(s\\) cannot make 5 folds"):
+        make_folds(_cases(2, 1), n_folds=5, seed=0)
+
+
+def test_folds_file_is_written_once_and_then_only_read(tmp_path):
+    path = tmp_path / "folds.json"
+    cases = _cases(4, 6)
+    first = load_or_make_folds(path, cases, 5, seed=0)
+    text = path.read_text()
+    import json
+
+    assert json.loads(text) == first  # nnU-Net's splits_final.json layout: [{"train": [...], "val": [...]}]
+    # a later run with another seed (or another order) reuses the file unchanged
+    assert load_or_make_folds(path, dict(reversed(list(cases.items()))), 5, seed=9) == first
+    assert path.read_text() == text
+
+
+def test_folds_file_for_another_case_set_or_fold_count_is_an_error(tmp_path):
+    path = tmp_path / "folds.json"
+    load_or_make_folds(path, _cases(4, 6), 5, seed=0)
+    text = path.read_text()
+    changed = {**_cases(4, 5), "new_scan": True}  # free_05 dropped, new_scan added
+    with pytest.raises(FoldsError, match=r"folds\.json: fold 0 was made for another set of scans \(scans not "
+                                         r"in the file: \['new_scan'\]; in the file but not among the training "
+                                         r"scans: \['free_05'\]\)"):
+        load_or_make_folds(path, changed, 5, seed=0)
+    with pytest.raises(FoldsError, match=r"folds\.json holds 5 folds but train\.n_folds is 3"):
+        load_or_make_folds(path, _cases(4, 6), 3, seed=0)
+    assert path.read_text() == text  # never rewritten
+    path.write_text('{"train": []}')
+    with pytest.raises(FoldsError, match=r"folds\.json: not a folds file"):
+        load_or_make_folds(path, _cases(4, 6), 5, seed=0)
+
+
+def test_fold_cases_are_the_train_and_val_scans_with_their_lesion_flags():
+    splits = {"train": ["a", "b"], "val": ["c"], "test": ["d"], "cases_with_lesions": ["a", "c", "d"]}
+    assert fold_cases(splits) == {"a": True, "b": False, "c": True}
+    with pytest.raises(FoldsError, match="splits.json: no 'cases_with_lesions'"):
+        fold_cases({"train": [], "val": []}, "splits.json")

@@ -172,3 +172,28 @@ def test_bad_lesion_channel_names_the_file(tmp_path):
         evaluate_folders(tmp_path / "pred", tmp_path / "lab", tmp_path / "o", EvaluationConfig(bootstrap=0),
                          lesion_label=3)
     assert str(p) in str(info.value)
+
+
+def test_dynamic_extraction_finds_a_haloed_lesion_that_static_misses_and_metrics_record_it():
+    """A lesion (5^3) predicted in place with a 0.2 halo 4 voxels wide: the 0.1-level blob (13^3) has IoU
+    125 / 2197 < 0.1 (a miss plus a false positive); grown from its peak (0.9 / 2.5 = 0.36) it is exact."""
+    gt = np.zeros((24, 24, 24), np.uint8)
+    gt[10:15, 10:15, 10:15] = 1
+    prob = np.zeros(gt.shape, np.float32)
+    prob[6:19, 6:19, 6:19] = 0.2
+    prob[10:15, 10:15, 10:15] = 0.9
+    static = evaluate_cases([("a", prob, gt, (1.0, 1.0, 1.0))], EvaluationConfig(bootstrap=0))
+    dynamic = evaluate_cases([("a", prob, gt, (1.0, 1.0, 1.0))],
+                             EvaluationConfig(bootstrap=0, extraction="dynamic"))
+    assert static.cpm == 0.0 and dynamic.cpm == 1.0
+    assert dynamic.cases[0].lesion_iou.tolist() == [1.0]
+    m = dynamic.to_metrics()
+    assert m["extraction"] == {"mode": "dynamic", "score": "max", "threshold_factor": 2.5, "min_voxels": 10,
+                               "max_lesions": 100, "round_decimals": None, "hit_criterion": "iou",
+                               "iou_threshold": 0.1, "max_candidates_per_scan": 10000}
+    assert static.to_metrics()["extraction"]["threshold"] == 0.1
+
+
+def test_dynamic_extraction_needs_peak_scores():
+    with pytest.raises(ValueError, match="score 'mean' needs extraction 'static'"):
+        EvaluationConfig(extraction="dynamic", score="mean")

@@ -207,7 +207,8 @@ def test_properties_monotone_and_bounded(lesion_scores, fp_scores, n_scans):
         return
     assert np.all(np.diff(c.sensitivity) >= 0)
     assert np.all((c.sensitivity >= 0) & (c.sensitivity <= 1))
-    grid = np.linspace(0, 20, 81)
+    # the grid must reach the curve's last vertex (40 FPs on 1 scan = 40 FP/scan) for s[-1] to be its end
+    grid = np.linspace(0, max(20.0, float(c.fps_per_scan[-1])), 81)
     s = interpolate_sensitivity(c.fps_per_scan, c.sensitivity, grid)
     assert np.all(np.diff(s) >= -1e-12) and np.all((s >= 0) & (s <= 1))
     # identical to np.interp on the full curve (how LUNA16 and MONAI read it)

@@ -14,8 +14,9 @@ import SimpleITK as sitk
 import torch
 from scipy.spatial.transform import Rotation
 
-from pipeline.config import Config, config_from_dict
-from pipeline.inference.predict import load_model, postprocess_labels, predict_paths
+from pipeline.config import Config, EvaluationConfig, config_from_dict
+from pipeline.inference.label_map import candidate_label_map
+from pipeline.inference.predict import load_model, predict_paths
 from pipeline.io import Volume, make_affine, read_volume, write_volume
 from pipeline.io.dataset import load_dataset
 from pipeline.model.factory import build_model
@@ -129,7 +130,8 @@ def test_postprocessing_removes_small_and_low_score_candidates_but_keeps_every_o
     second = labels.copy()
     second[1:5, 15:19, 15:19] = 2  # another confident lesion: both big ones must survive
     lesion[1:5, 15:19, 15:19] = 0.9
-    out = postprocess_labels(second, probs, lesion, [2], voxel_volume_mm3=1.0, min_volume_mm3=8.0, min_score=0.5)
+    out = candidate_label_map(probs, lesion, [2], EvaluationConfig(extraction="static"), threshold=0.5,
+                              voxel_volume_mm3=1.0, min_volume_mm3=8.0)
     assert (out[1:5, 1:5, 1:5] == 2).all() and (out[1:5, 15:19, 15:19] == 2).all()
     assert (out[8:12, 8:12, 8:12] != 2).all()  # score 0.3 < 0.5
     assert (out[15, 15, 15] != 2)  # 1 mm^3 < 8 mm^3

@@ -118,3 +118,27 @@ def test_dynunet_with_deep_supervision():
 def test_rejects_a_head_of_the_wrong_size():
     with pytest.raises(ValueError, match="output channels"):
         init_prior_bias(small_unet(), PI, "softmax", 4)
+
+
+@pytest.mark.parametrize(("name", "num_res_units"), [("dynunet", 0), ("dynunet", 1), ("unet", 0), ("unet", 1)])
+def test_every_model_option_of_the_factory_starts_at_the_prior(name, num_res_units):
+    """build_model's networks (the default nnU-Net DynUNet with its deep-supervision heads at their own
+    resolution, and the full-resolution UNet): every head starts at lesion probability pi."""
+    from pipeline.config import ModelConfig
+    from pipeline.model.factory import build_model
+
+    plan = {"network": {"strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 1]],
+                        "kernel_sizes": [[3, 3, 1]] + [[3, 3, 3]] * 4}}
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(name=name, base_filters=4, max_filters=16, num_res_units=num_res_units),
+                      plan, 1, 3)
+    heads = find_head_convs(net)
+    assert len(heads) == (3 if name == "dynunet" else 1)  # main + 2 supervision heads (5 stages)
+    init_prior_bias(net, PI, "softmax", 3, lesion_classes=(LESION,))
+    with torch.no_grad():
+        out = net.train()(random_image((2, 1, 32, 32, 16)))
+    outputs = out if isinstance(out, list) else [out]
+    assert len(outputs) == len(heads)
+    for logits in outputs:
+        p = mean_probability(logits, "softmax")
+        assert abs(p - PI) < 0.1 * PI, p

@@ -10,9 +10,24 @@ import pytest
 from pipeline.config import config_from_dict
 from pipeline.io.dataset import Dataset
 from pipeline.preprocessing.fingerprint import QUANTILE_GRID
-from pipeline.preprocessing.plan import PlanError, make_plan, network_topology, plan_hash, target_spacing
+from pipeline.preprocessing.plan import (
+    PlanError,
+    make_plan,
+    network_topology,
+    plan_hash,
+    resolve_budget_kind,
+    target_spacing,
+)
 
 LABELS = {0: "background", 1: "liver", 2: "lesion"}
+
+
+@pytest.fixture(autouse=True)
+def no_cuda(monkeypatch):
+    """``memory_budget: auto`` (the default) asks torch for CUDA: plan as on a CPU-only machine."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def dataset(labels=None, channels=("CT",)) -> Dataset:
@@ -62,8 +77,9 @@ def test_target_spacing_never_finer_than_the_other_axes():
 
 
 def test_default_data_cpu_budget():
-    """CPU budget 0.25 M voxels: patch 64 x 80 x 24 (median 128 x 128 x 40), batch 2, 5 stages."""
+    """CPU budget 0.25 M voxels: patch 64 x 80 x 24 (median 128 x 128 x 40), batch 2, 5 stages, 8..128 filters."""
     plan = make_plan(default_like(), dataset(), config_from_dict({}))
+    assert plan["budget"]["kind"] == "cpu" and plan["budget"]["requested"] == "auto"
     assert plan["target_spacing_mm"] == pytest.approx([0.8, 0.8, 2.5])
     assert plan["median_shape"] == [128, 128, 40]
     assert plan["patch_size"] == [64, 80, 24] and plan["batch_size"] == 2
@@ -71,7 +87,7 @@ def test_default_data_cpu_budget():
     net = plan["network"]
     assert net["strides"] == [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 1]]
     assert net["kernel_sizes"][0] == [3, 3, 1]  # z is > 2x coarser than x, y at full resolution
-    assert net["filters"] == [16, 32, 64, 128, 256]
+    assert net["filters"] == [8, 16, 32, 64, 128]
     pools = np.sum(np.log2(net["strides"]), axis=0).astype(int)
     assert all(p % 2**k == 0 for p, k in zip(plan["patch_size"], pools, strict=True))
     assert plan["n_classes"] == 3 and plan["labels"] == {"0": "background", "1": "liver", "2": "lesion"}
@@ -83,6 +99,42 @@ def test_gpu_budget_takes_the_whole_median_shape():
     plan = make_plan(default_like(), dataset(), cfg)
     assert plan["patch_size"] == [128, 128, 40] and plan["batch_size"] >= 2
     assert np.prod(plan["patch_size"]) * plan["batch_size"] <= plan["budget"]["voxels"]
+    assert plan["network"]["filters"] == [32, 64, 128, 256, 320, 320]  # nnU-Net's width, 6 stages
+
+
+def test_auto_budget_plans_for_the_gpu_when_cuda_is_present(monkeypatch):
+    import torch
+
+    assert resolve_budget_kind("auto", cuda_available=True) == "gpu"
+    assert resolve_budget_kind("auto", cuda_available=False) == "cpu"
+    assert resolve_budget_kind("cpu", cuda_available=True) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = make_plan(default_like(), dataset(), config_from_dict({}))
+    assert plan["budget"] == {"kind": "gpu", "requested": "auto", "voxels": pytest.approx(10e9 / (64 * 32)),
+                              "patch_voxels_x_batch": 128 * 128 * 40 * 2}
+    assert plan["network"]["filters"] == [32, 64, 128, 256, 320, 320]
+
+
+def test_gpu_plan_for_1mm_brain_mri_is_nnunet_sized():
+    """1 mm isotropic scans of 160 x 192 x 160 voxels (MS FLAIR): nnU-Net v2 plans 112 x 160 x 128, batch 2,
+    6 stages, 32..320 filters for them (its VRAM model). Ours: the same number of voxels within 25 %, same
+    depth and width."""
+    fp = fingerprint([(1.0, 1.0, 1.0)] * 4, [(160, 192, 160)] * 4)
+    plan = make_plan(fp, dataset(channels=("FLAIR",)), config_from_dict({"preprocess": {"memory_budget": "gpu"}}))
+    assert abs(np.prod(plan["patch_size"]) / (112 * 160 * 128) - 1) < 0.25, plan["patch_size"]
+    assert plan["batch_size"] == 2
+    assert plan["network"]["filters"] == [32, 64, 128, 256, 320, 320]
+    assert plan["network"]["strides"][0] == [1, 1, 1]
+
+
+def test_cpu_width_and_config_override():
+    cfg = config_from_dict({"preprocess": {"cpu_base_filters": 16, "cpu_max_filters": 64}})
+    assert make_plan(default_like(), dataset(), cfg)["network"]["filters"] == [16, 32, 64, 64, 64]
+    cfg = config_from_dict({"preprocess": {"memory_budget": "gpu"}, "train": {"model": {"base_filters": 4,
+                                                                                         "max_filters": 16}}})
+    plan = make_plan(default_like(), dataset(), cfg)
+    assert plan["network"]["filters"] == [4, 8, 16, 16, 16, 16]  # 128 x 128 x 40: 6 stages
+    assert plan["budget"]["voxels"] == pytest.approx(10e9 / (64 * 4))  # the GPU budget follows the width
 
 
 @pytest.mark.parametrize("budget", [0.05, 0.25, 1.0, 4.0])

@@ -66,3 +66,38 @@ def closed_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def scan_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny model's ``best.pt`` with a real plan (1 channel; plan patch about 40 x 32 x 12).
+
+    The weights do not matter for the serving contract (geometry, shapes, formats).
+    """
+    import torch
+
+    from pipeline.config import config_from_dict
+    from pipeline.data.synthetic import write_synthetic_dataset
+    from pipeline.io.dataset import load_dataset
+    from pipeline.model.factory import build_model
+    from pipeline.preprocessing.fingerprint import compute_fingerprint
+    from pipeline.preprocessing.plan import make_plan
+    from pipeline.training.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("scan_model")
+    cfg = config_from_dict({
+        "data": {"synthetic": {"n_cases": 4, "shape": [40, 36, 12], "lesion_free_fraction": 0.0}},
+        "train": {"model": {"base_filters": 4, "max_filters": 16}},
+        "tracking": {"enabled": False},
+        "inference": {"overlap": 0.25, "device": "cpu"},
+        "paths": {"raw": str(root / "raw")},
+    })
+    write_synthetic_dataset(root / "raw", cfg.data.synthetic, progress=False)
+    ds = load_dataset(cfg.data, cfg.paths.raw)
+    plan = make_plan(compute_fingerprint(ds, [c.case_id for c in ds.training], cfg.data, 1), ds, cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.train.model, plan, 1, int(plan["n_classes"]))
+    path = root / "best.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "plan": plan,
+                           "operating_point": {"threshold": 0.5}})
+    return path

@@ -108,3 +108,28 @@ def test_dvc_experiment_env_and_versions(repo, monkeypatch):
     for pkg in ("torch", "monai", "numpy", "mlflow", "pipeline", "python"):
         assert tags[f"version.{pkg}"], pkg
     assert tags["device"] == "cpu"
+
+
+def test_dvc_own_files_and_untracked_files_do_not_make_a_clone_dirty(repo):
+    """A fresh clone after `dvc init` + `dvc repro`: untracked .dvc/ and dvc.lock, DVC-edited .gitignore."""
+    (repo / ".dvc").mkdir()
+    (repo / ".dvc" / "config").write_text("[core]\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / "notes.txt").write_text("scratch\n")  # untracked, not ignored
+    assert lineage_tags(repo_dir=repo)["git.dirty"] == "false"
+    _git(repo, "add", "dvc.lock")
+    _git(repo, "commit", "-q", "-m", "lock")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # rewritten by the next repro
+    (repo / ".gitignore").write_text("data/\n/models\n")  # DVC adds its outputs
+    tags = lineage_tags(repo_dir=repo)
+    assert tags["git.dirty"] == "false" and "git.dirty_files" not in tags
+    (repo / "train.py").write_text("print(3)\n")
+    tags = lineage_tags(repo_dir=repo)
+    assert tags["git.dirty"] == "true" and tags["git.dirty_files"] == "train.py"
+
+
+def test_dirty_paths_parses_porcelain():
+    from pipeline.tracking.lineage import dirty_paths
+
+    out = " M a.py\nR  old.py -> new.py\n?? x.py\n!! ignored\n M sub/.gitignore\nD  .dvc/config\n"
+    assert dirty_paths(out) == ["a.py", "new.py"]

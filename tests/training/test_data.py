@@ -106,11 +106,26 @@ def test_lesion_fraction_reaches_the_batches(tiny_train_data):
     assert lesion_patches(0.0) < 15
 
 
-def test_anisotropic_axis_limits_rotation_to_the_in_plane_axes():
+def test_patches_are_augment_patch_of_the_sampled_centres(tiny_train_data):
+    """The batch is the sampler's centres through ``augment_patch``, drawn from one generator seeded by
+    ``(seed, epoch, rank, step)``: replaying that by hand gives the same tensors."""
+    from pipeline.data.augment import augment_patch
+
+    ds = batches(tiny_train_data)
+    ds.set_epoch(1, 3)
+    batch = ds.make_batch(2)
+    rng = np.random.default_rng([ds.seed, 1, ds.rank, 2])
+    for b, (case_idx, centre, _) in enumerate(ds.sampler.batch(rng, ds.batch_size)):
+        case = ds.cases[case_idx]
+        image, label = augment_patch(case.image, case.label, centre, ds.patch_size, rng, ds.augment_cfg)
+        assert torch.equal(batch["image"][b], image) and torch.equal(batch["label"][b, 0], label.to(torch.int64))
+
+
+def test_build_augmentation_for_the_monai_baseline_rotates_in_plane_when_anisotropic():
     from pipeline.training.data import build_augmentation
 
-    chain = build_augmentation(AugmentConfig(rotate_deg=20), anisotropic_axis=2)
+    chain = build_augmentation(AugmentConfig(rotate_deg_anisotropic=170), anisotropic_axis=2)
     rot = next(t for t in chain.transforms if type(t).__name__ == "RandRotated").rand_rotate
     # range_z rotates in the plane of axes (0, 1), i.e. about the thick-slice axis 2
     assert rot.range_x == (0.0, 0.0) and rot.range_y == (0.0, 0.0)
-    assert rot.range_z == pytest.approx((-np.deg2rad(20), np.deg2rad(20)))
+    assert rot.range_z == pytest.approx((-np.deg2rad(170), np.deg2rad(170)))

@@ -20,15 +20,18 @@ import yaml
 SHAPE = (32, 32, 16)  # voxels (x, y, z)
 SPACING_MM = (1.5, 1.5, 3.0)
 LESION_LABEL = 2
-NO_AUGMENT = {
-    "flip_prob": 0.0,
+NO_AUGMENT = {  # every probability 0: the patch is the plain crop
     "rotate_prob": 0.0,
     "scale_prob": 0.0,
-    "intensity_scale_prob": 0.0,
-    "intensity_shift_prob": 0.0,
-    "gamma_prob": 0.0,
+    "elastic_prob": 0.0,
     "noise_prob": 0.0,
     "blur_prob": 0.0,
+    "brightness_prob": 0.0,
+    "contrast_prob": 0.0,
+    "lowres_prob": 0.0,
+    "gamma_inverted_prob": 0.0,
+    "gamma_prob": 0.0,
+    "mirror_prob": 0.0,
 }
 
 
@@ -138,6 +141,7 @@ def write_tiny_preprocessed(
             "preprocessed": str(root / "pre"),
             "splits": str(root / "splits.json"),
             "models": str(root / "models"),
+            "metrics": str(root / "metrics"),  # the stage's git-tracked metrics, never the repository's
         },
         "train": {
             "epochs": 2,

@@ -1,0 +1,23 @@
+"""benchmarks/bench_network.py still runs: one tiny step per network kind (no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_network_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_network", REPO / "benchmarks" / "bench_network.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_network"] = module
+    spec.loader.exec_module(module)
+    out = tmp_path / "steps.jsonl"
+    specs = ["dynunet:4:16:32,32,16:1", "unet:4:16:32,32,16:1", "old_unet:4:16:32,32,16:1"]
+    assert module.main(["--candidates", *specs, "--warmup", "0", "--steps", "1", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["candidate"] for r in rows] == specs and all(r["median_s"] > 0 for r in rows)
+    assert "| dynunet | 4..16 | 32x32x16 x 1 |" in capsys.readouterr().out
