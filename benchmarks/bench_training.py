@@ -81,6 +81,7 @@ def write_data(
         "network": {
             "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
             "kernel_sizes": [[3, 3, 1]] + [[3, 3, 3]] * 4,
+            "filters": [8, 16, 32, 64, 128],  # the CPU plan's width (pipeline/preprocessing/plan.py)
         },
         "n_classes": 3,
         "channel_names": ["CT"],

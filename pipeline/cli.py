@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     from pipeline.config import ConfigError
+    from pipeline.data.splits import FoldsError
     from pipeline.io.dataset import DatasetError
     from pipeline.io.formats import VolumeReadError
     from pipeline.io.validate import DataValidationError
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"usage error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (DatasetError, DataValidationError, VolumeReadError, FileNotFoundError) as exc:
+    except (DatasetError, DataValidationError, VolumeReadError, FoldsError, FileNotFoundError) as exc:
         print(f"data error:\n{exc}", file=sys.stderr)
         return EXIT_DATA
     except KeyboardInterrupt:

@@ -282,7 +282,7 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(40, ge=1)
+    epochs: int = Field(20, ge=1)
     steps_per_epoch: int = Field(40, ge=1)
     batch_size: int | None = Field(None, ge=1)  # None: from the plan
     patch_size: IntTriple | None = None  # None: from the plan
@@ -344,7 +344,7 @@ class DynamicExtractionConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    extraction: Literal["static", "dynamic"] = "static"  # candidates at a fixed level / grown from each peak
+    extraction: Literal["static", "dynamic"] = "dynamic"  # grown from each peak (PI-CAI) / at a fixed level
     extraction_threshold: float = Field(0.1, gt=0, lt=1)  # the static level
     dynamic: DynamicExtractionConfig = DynamicExtractionConfig()
     score: Literal["max", "mean"] = "max"

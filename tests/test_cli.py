@@ -346,3 +346,16 @@ def test_predict_case_names_strip_nnunet_channel_suffixes(tmp_path, names, n_cha
     assert [name for name, _ in collect_inputs(tmp_path, n_channels)] == expected
     single = collect_inputs(tmp_path / names[0], n_channels)
     assert single[0][0] == (names[0][:-12] if names[0].endswith("_0000.nii.gz") else names[0][:-7])
+
+
+def test_folds_file_for_another_case_set_is_a_data_error_exit_3(workdir):
+    # folds are made once; a split whose cases differ from the committed folds file must stop, not re-fold
+    (workdir / "data").mkdir()
+    (workdir / "data" / "splits.json").write_text(json.dumps(
+        {"train": [f"c{i}" for i in range(8)], "val": ["c8", "c9"], "test": ["t0"],
+         "cases_with_lesions": ["c0", "c2", "c4", "c6", "c8", "t0"]}))
+    folds = workdir / "folds.json"
+    folds.write_text(json.dumps([{"train": ["x1", "x2"], "val": ["x3"]}] * 5))
+    result = run_cli("make-folds", "-q", "--set", f"paths.folds={folds}", cwd=workdir)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("data error:\n") and str(folds) in result.stderr

@@ -325,44 +325,68 @@ def pair_files(predictions: Path, labels: Path) -> tuple[list[tuple[str, Path, P
     return pairs, problems
 
 
-def _read_cases(pairs: list[tuple[str, Path, Path]], problems: list[str],
-                lesion_label: int | None) -> Iterator[Case]:
-    """Read and validate every pair; yield cases while no problem has been seen, raise them all at the end."""
+def _read_pair(scan: str, pred_path: Path, label_path: Path, lesion_label: int | None
+               ) -> tuple[Case | None, list[str]]:
+    """Read and validate one prediction / label pair: (case or None, its problems naming the files)."""
     from pipeline.io.formats import VolumeReadError, read_volume
     from pipeline.io.volume import grid_mismatch
 
-    for scan, pred_path, label_path in pairs:
-        vols = []
-        for path in (pred_path, label_path):
-            try:
-                vols.append(read_volume(path))
-            except VolumeReadError as exc:
-                problems.append(str(exc))
-            except Exception as exc:  # noqa: BLE001 - any reader failure is reported with its file
-                problems.append(f"{path}: cannot read ({type(exc).__name__}: {exc})")
-        if len(vols) < 2:
-            continue
-        pred_vol, label_vol = vols
-        mismatch = grid_mismatch(pred_vol, label_vol)
-        if mismatch:
-            problems.append(f"{pred_path} vs {label_path}: grids differ ({'; '.join(mismatch)})")
-            continue
-        if label_vol.n_channels != 1:
-            problems.append(f"{label_path}: label map has {label_vol.n_channels} channels; expected one")
-            continue
-        pred = pred_vol.data if pred_vol.n_channels > 1 else pred_vol.data[0]
+    problems: list[str] = []
+    vols = []
+    for path in (pred_path, label_path):
         try:
-            lesion_score_map(pred, lesion_label)
-        except ValueError as exc:
-            problems.append(f"{pred_path}: {exc}")
-            continue
-        try:
-            lesion_mask_from_labels(label_vol.data[0], lesion_label)
-        except ValueError as exc:
-            problems.append(f"{label_path}: {exc}")
-            continue
-        if not problems:
-            yield scan, pred, label_vol.data[0], label_vol.affine
+            vols.append(read_volume(path))
+        except VolumeReadError as exc:
+            problems.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - any reader failure is reported with its file
+            problems.append(f"{path}: cannot read ({type(exc).__name__}: {exc})")
+    if len(vols) < 2:
+        return None, problems
+    pred_vol, label_vol = vols
+    mismatch = grid_mismatch(pred_vol, label_vol)
+    if mismatch:
+        return None, [f"{pred_path} vs {label_path}: grids differ ({'; '.join(mismatch)})"]
+    if label_vol.n_channels != 1:
+        return None, [f"{label_path}: label map has {label_vol.n_channels} channels; expected one"]
+    pred = pred_vol.data if pred_vol.n_channels > 1 else pred_vol.data[0]
+    try:
+        lesion_score_map(pred, lesion_label)
+    except ValueError as exc:
+        return None, [f"{pred_path}: {exc}"]
+    try:
+        lesion_mask_from_labels(label_vol.data[0], lesion_label)
+    except ValueError as exc:
+        return None, [f"{label_path}: {exc}"]
+    return (scan, pred, label_vol.data[0], label_vol.affine), []
+
+
+def _read_cases(pairs: list[tuple[str, Path, Path]], problems: list[str],
+                lesion_label: int | None, prefetch: bool = True) -> Iterator[Case]:
+    """Read and validate every pair; yield cases while no problem has been seen, raise them all at the end.
+
+    With ``prefetch``, one background thread reads the next pair while the caller evaluates the current
+    one: gzip decompression and NumPy's copies release the GIL, so on two or more cores the evaluation
+    hides behind the file reading (at most two pairs are in memory at once).
+    """
+    if not prefetch or len(pairs) < 2:
+        for pair in pairs:
+            case, probs = _read_pair(*pair, lesion_label)
+            problems.extend(probs)
+            if case is not None and not problems:
+                yield case
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-read") as pool:
+            pending = pool.submit(_read_pair, *pairs[0], lesion_label)
+            for k in range(len(pairs)):
+                case, probs = pending.result()
+                if k + 1 < len(pairs):
+                    pending = pool.submit(_read_pair, *pairs[k + 1], lesion_label)
+                problems.extend(probs)
+                if case is not None and not problems:
+                    yield case
+                del case  # let the pair go before the next one arrives
     if problems:
         raise EvaluationInputError(problems)
 

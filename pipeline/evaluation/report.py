@@ -67,14 +67,28 @@ def _case_rows(case: CaseMatch, edges: tuple[float, ...]) -> dict[str, np.ndarra
     }
 
 
-def write_lesions_csv(path: Path, cases: list[CaseMatch], size_buckets_mm: tuple[float, ...]) -> None:
-    """One row per GT lesion and per candidate (see the module docstring)."""
-    import pandas as pd
+def _csv_column(values: np.ndarray) -> list[str]:
+    """Cells of one column as pandas' ``to_csv(float_format="%.6g")`` writes them (NaN -> empty)."""
+    if values.dtype.kind == "f":
+        return ["%.6g" % v if v == v else "" for v in values.tolist()]
+    return [str(v) for v in values.tolist()]
 
-    parts = [pd.DataFrame(_case_rows(c, tuple(size_buckets_mm)), columns=LESION_COLUMNS) for c in cases]
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=LESION_COLUMNS)
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
+
+def write_lesions_csv(path: Path, cases: list[CaseMatch], size_buckets_mm: tuple[float, ...]) -> None:
+    """One row per GT lesion and per candidate (see the module docstring).
+
+    Written with the ``csv`` module from whole columns: a noisy map can give 10^5 rows, where
+    pandas' per-cell float formatter took ~15 us per row.
+    """
+    import csv
+
+    edges = tuple(size_buckets_mm)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(LESION_COLUMNS)
+        for case in cases:
+            rows = _case_rows(case, edges)
+            writer.writerows(zip(*(_csv_column(np.asarray(rows[c])) for c in LESION_COLUMNS)))
 
 
 def style_froc_axes(ax, rates, lo_x: float, hi_x: float, title: str) -> None:

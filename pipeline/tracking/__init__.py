@@ -3,12 +3,14 @@
 Typical stage use (train)::
 
     tracker = create_tracker(cfg.tracking)          # resolves + checks the store before any work
-    parent = tracker.parent_run(pipeline_key)       # one parent run per pipeline execution
+    parent, key = open_pipeline_run(tracker, cfg)   # one parent run per pipeline execution (params on it)
     with tracker.start("train", parent_run_id=parent, tags=lineage_tags(data_dir)) as run:
         run.log_params(cfg.flat())
         run.log_metrics({"train/loss": loss}, step=epoch)
-        run.log_torch_model(model, example, cfg.tracking.registered_model)
+        run.log_scan_model(best_pt, n_channels, cfg.tracking.registered_model)   # whole-scan pyfunc
         write_run_ref(ref_path, run.run_ref())
+
+(``open_pipeline_run`` / ``finish_pipeline_run`` live in :mod:`pipeline.tracking.pipeline_run`.)
 
 See :mod:`pipeline.tracking.mlflow_tracker` for run status rules and :mod:`pipeline.tracking.lineage` for
 the tag names.
@@ -16,6 +18,8 @@ the tag names.
 
 from pipeline.tracking.artifacts import RunNotFound, download_run_artifacts, get_run, latest_run, store_uri
 from pipeline.tracking.lineage import lineage_tags
+from pipeline.tracking.registry import should_promote
+from pipeline.tracking.run_key import pipeline_key
 from pipeline.tracking.mlflow_tracker import (
     MlflowTracker,
     NullTracker,
@@ -50,8 +54,10 @@ __all__ = [
     "lineage_tags",
     "local_store_uri",
     "param_value",
+    "pipeline_key",
     "read_run_ref",
     "resolve_tracking_uri",
+    "should_promote",
     "store_uri",
     "write_run_ref",
 ]

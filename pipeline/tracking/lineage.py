@@ -63,7 +63,7 @@ def dirty_paths(porcelain: str) -> list[str]:
     Untracked (``??``) and ignored (``!!``) entries and DVC's own files are dropped; for a rename the new
     path is kept. Pure (no git call).
 
-    >>> dirty_paths(" M pipeline/x.py\n?? dvc.lock\n M dvc.lock\n M data/.gitignore\nA  .dvc/config\n")
+    >>> dirty_paths(" M pipeline/x.py\\n?? dvc.lock\\n M dvc.lock\\n M data/.gitignore\\nA  .dvc/config\\n")
     ['pipeline/x.py']
     """
     paths = []

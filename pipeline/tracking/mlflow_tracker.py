@@ -5,10 +5,13 @@ reachable (``tracking.on_unreachable``) and creates the experiment, before any w
 no-op :class:`Tracker` when tracking is disabled or on a non-zero distributed rank, so stage code never
 branches on either.
 
-One pipeline execution is one *parent* run (found or created by :meth:`MlflowTracker.parent_run` from a
-pipeline key) with one child run per stage (``train``, ``evaluate``), linked by MLflow's
+One pipeline execution is one *parent* run (found or created by :meth:`MlflowTracker.parent_run` from the
+pipeline key of :mod:`pipeline.tracking.run_key`; :mod:`pipeline.tracking.pipeline_run` puts the params and
+headline metrics on it) with one child run per stage (``train``, ``evaluate``), linked by MLflow's
 ``mlflow.parentRunId`` tag. Stages are separate processes under DVC: the train stage writes its run ids
-with :func:`write_run_ref`, the evaluate stage reads them with :func:`read_run_ref`.
+with :func:`write_run_ref`, the evaluate stage reads them with :func:`read_run_ref`. The registered model
+is the whole-scan pyfunc of :mod:`pipeline.tracking.pyfunc_model` (:meth:`MlflowTracker.log_scan_model`);
+:mod:`pipeline.tracking.registry` moves the ``champion`` alias.
 
 Run status: :meth:`Tracker.start` ends the run FINISHED when its block completes and FAILED on any
 exception, ``KeyboardInterrupt`` or SIGTERM (a kill -9 or OOM kill cannot be caught). The parent run's

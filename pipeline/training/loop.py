@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.data.augment import anisotropic_axis
 from pipeline.training.checkpoint import check_resume_compatible, load_checkpoint, save_checkpoint
 from pipeline.training.budget import WallClockBudget
 from pipeline.training.data import PatchBatches, PreprocessedCase, make_loader, resolve_num_workers
@@ -185,8 +186,7 @@ def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase]
     if tc.compile:
         net = torch.compile(net)
 
-    spacing = np.asarray(plan["target_spacing_mm"], dtype=float)
-    aniso_axis = int(np.argmax(spacing)) if spacing.max() > cfg.preprocess.anisotropy_ratio * spacing.min() else None
+    aniso_axis = anisotropic_axis(plan)  # the plan's rule, not re-derived from the config
     dataset = PatchBatches(train_cases, patch, batch_size, tc.sampling, tc.augment, lesion_labels,
                            seed=cfg.seed, rank=dist_info.rank, anisotropic_axis=aniso_axis)
     spe = tc.steps_per_epoch

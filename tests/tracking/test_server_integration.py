@@ -266,3 +266,14 @@ def test_the_real_cli_pipeline_logs_to_a_server(tmp_path):
         versions = client.search_model_versions("name='cli-unet'")
         assert versions and versions[0].run_id == train.info.run_id
         assert all(r.info.status == "FINISHED" for r in (train, evaluate))
+        # one parent run per execution holds the params and the headline test metrics
+        parent = client.get_run(train.data.tags["mlflow.parentRunId"])
+        assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+        assert parent.data.params == flat_params(cfg.flat())
+        assert parent.data.metrics["cpm"] == evaluate.data.metrics["cpm"]
+        assert "best_val_cpm" in parent.data.metrics
+        # the registered version is the whole-scan pyfunc model, tagged with its lineage and test CPM
+        version = versions[0]
+        assert version.tags["pipeline_key"] == parent.data.tags["pipeline_key"]
+        assert {"data.hash", "test.cpm", "train_run_id", "evaluate_run_id"} <= set(version.tags)
+        assert train.data.tags["model.flavor"] == "pyfunc"
