@@ -338,7 +338,7 @@ class DynamicExtractionConfig(_Section):
     """PI-CAI's peak-relative extraction (``evaluation.extraction: dynamic``); see evaluation/candidates.py."""
 
     threshold_factor: float = Field(2.5, gt=0)  # a candidate spans its peak p down to p / threshold_factor
-    min_voxels: int = Field(10, ge=0)  # components of <= min_voxels voxels are not candidates
+    min_voxels: int = Field(0, ge=0)  # components <= min_voxels voxels dropped (docs/evaluation.md)
     max_lesions: int = Field(100, ge=1)  # candidates per scan (PI-CAI's default 5 is for prostate MRI)
     round_decimals: int | None = Field(None, ge=0)  # round each candidate's peak score (None: exact)
 

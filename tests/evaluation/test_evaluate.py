@@ -53,7 +53,8 @@ def test_evaluate_cases_by_hand():
     # vertices (fps, sens): (0,0) 0.95 (.25, 0) 0.9 (.25, .2) 0.8 (.25, .4) 0.7 (.5, .4) 0.6 (.5, .6)
     #                       0.5 (.5, .8) 0.4 (.75, .8)
     # at 1/8: between (0, 0) and (.25, 0) -> 0; 1/4 -> .4; 1/2 -> .8; 1..8 -> .8
-    cfg = EvaluationConfig(bootstrap=200, bootstrap_seed=3)
+    # the worked answer is the static one (every box is a candidate at the fixed 0.1 level)
+    cfg = EvaluationConfig(bootstrap=200, bootstrap_seed=3, extraction="static")
     r = evaluate_cases([(n, p, g, SPACING) for n, p, g in scans()], cfg, lesion_label=1)
     np.testing.assert_allclose(r.sensitivity_at_fp, [0.0, 0.4, 0.8, 0.8, 0.8, 0.8, 0.8])
     assert r.cpm == pytest.approx((0 + 0.4 + 5 * 0.8) / 7)
@@ -100,7 +101,7 @@ def test_evaluate_folders_writes_all_outputs(tmp_path):
         _write(tmp_path / "lab", n, g)
     (tmp_path / "pred" / "plans.json").write_text("{}")  # non-image files are ignored
     out = tmp_path / "out"
-    cfg = EvaluationConfig(bootstrap=50)
+    cfg = EvaluationConfig(bootstrap=50, extraction="static")  # the worked static answer above
     m = evaluate_folders(tmp_path / "pred", tmp_path / "lab", out, cfg, lesion_label=1)
     assert m["cpm"] == pytest.approx((0 + 0.4 + 5 * 0.8) / 7)
     assert json.loads((out / "metrics.json").read_text())["cpm"] == pytest.approx(m["cpm"])
@@ -182,16 +183,18 @@ def test_dynamic_extraction_finds_a_haloed_lesion_that_static_misses_and_metrics
     prob = np.zeros(gt.shape, np.float32)
     prob[6:19, 6:19, 6:19] = 0.2
     prob[10:15, 10:15, 10:15] = 0.9
-    static = evaluate_cases([("a", prob, gt, (1.0, 1.0, 1.0))], EvaluationConfig(bootstrap=0))
+    static = evaluate_cases([("a", prob, gt, (1.0, 1.0, 1.0))],
+                            EvaluationConfig(bootstrap=0, extraction="static"))
     dynamic = evaluate_cases([("a", prob, gt, (1.0, 1.0, 1.0))],
                              EvaluationConfig(bootstrap=0, extraction="dynamic"))
     assert static.cpm == 0.0 and dynamic.cpm == 1.0
     assert dynamic.cases[0].lesion_iou.tolist() == [1.0]
     m = dynamic.to_metrics()
-    assert m["extraction"] == {"mode": "dynamic", "score": "max", "threshold_factor": 2.5, "min_voxels": 10,
+    assert m["extraction"] == {"mode": "dynamic", "score": "max", "threshold_factor": 2.5, "min_voxels": 0,
                                "max_lesions": 100, "round_decimals": None, "hit_criterion": "iou",
                                "iou_threshold": 0.1, "max_candidates_per_scan": 10000}
     assert static.to_metrics()["extraction"]["threshold"] == 0.1
+    assert EvaluationConfig().extraction == "dynamic"  # the default (evidence: benchmarks/RESULTS.md)
 
 
 def test_dynamic_extraction_needs_peak_scores():
