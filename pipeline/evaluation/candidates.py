@@ -159,6 +159,7 @@ def dynamic_candidates(prob: np.ndarray, params: DynamicExtraction = DynamicExtr
     # only voxels >= the lowest threshold that can ever be used matter (t >= stop / factor)
     act_idx = np.flatnonzero(work >= stop / factor)
     act_val = work.reshape(-1)[act_idx]
+    n_live = act_idx.size  # nonzero entries of act_val, kept by count (a full count per step is ~0.1 ms)
 
     cache: list[tuple[tuple[slice, ...], np.ndarray, int, int]] = []  # (box, mask, first flat, voxels) at t
     cache_key = None
@@ -174,7 +175,10 @@ def dynamic_candidates(prob: np.ndarray, params: DynamicExtraction = DynamicExtr
         if cache_key != m:
             cache, cache_key = [], m
         # 1. every voxel whose (rounded) value ties the maximum: grow its component once per threshold
-        ties = act_idx[(rnd(act_val) == big) & (act_val >= t)]
+        if params.round_decimals is None:  # big == m, the maximum: no value exceeds it
+            ties = act_idx[act_val == m] if m >= t else act_idx[:0]
+        else:
+            ties = act_idx[(rnd(act_val) == big) & (act_val >= t)]
         known = np.zeros(ties.shape, bool)
         for box, comp, _, _ in cache:
             coords = np.unravel_index(ties, shape)
@@ -212,7 +216,8 @@ def dynamic_candidates(prob: np.ndarray, params: DynamicExtraction = DynamicExtr
         work[box][comp] = 0
         flat = np.ravel_multi_index(tuple(np.nonzero(comp)[ax] + box[ax].start for ax in range(3)), shape)
         act_val[np.searchsorted(act_idx, flat)] = 0
-        if act_idx.size > 4096 and np.count_nonzero(act_val) < act_idx.size // 2:
+        n_live -= flat.size  # every voxel of the component is active (>= t >= STOP_BELOW / factor) and > 0
+        if act_idx.size > 4096 and n_live < act_idx.size // 2:
             keep = act_val > 0
             act_idx, act_val = act_idx[keep], act_val[keep]
     return out, np.asarray(scores, np.float64)

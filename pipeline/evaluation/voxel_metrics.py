@@ -64,14 +64,36 @@ def _union_box(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tupl
 
 
 _CROSS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+_DENSE_FRACTION = 1 / 200  # above this fraction of mask voxels, shifted views beat gathering neighbours
 
 
 def surface_coords(mask: np.ndarray) -> np.ndarray:
-    """Voxel indices ``(K, 3)`` of the surface of ``mask``: voxels with a 6-neighbour outside the mask
-    or outside the array; the same set as ``mask & ~binary_erosion(mask)`` (scipy's default cross,
-    border value 0), found from the mask voxels alone instead of eroding the whole box."""
+    """Voxel indices ``(K, 3)``, in C order, of the surface of ``mask``: voxels with a 6-neighbour
+    outside the mask or outside the array; the same set as ``mask & ~binary_erosion(mask)`` (scipy's
+    default cross, border value 0).
+
+    Two equal ways, the cheaper one chosen by the mask's density (measured: gathering the 6 neighbours
+    costs ~0.3 us per mask voxel, the shifted views ~1.5 ns per box voxel): a few lesions in a large box
+    gather the neighbours of their voxels; a noisy mask with tens of thousands of isolated voxels ANDs
+    shifted views of the whole box.
+    """
+    mask = np.asarray(mask, bool)
     # flatnonzero + unravel: ~6x faster than np.argwhere (multi-index nonzero) on a bool volume
-    coords = np.stack(np.unravel_index(np.flatnonzero(mask), mask.shape), axis=1)
+    idx = np.flatnonzero(mask)
+    if idx.size > mask.size * _DENSE_FRACTION:
+        inner = mask.copy()
+        for ax in range(mask.ndim):
+            lo = [slice(None)] * mask.ndim
+            hi = [slice(None)] * mask.ndim
+            lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+            inner[tuple(hi)] &= mask[tuple(lo)]  # the neighbour at -1 along ax is in the mask
+            inner[tuple(lo)] &= mask[tuple(hi)]  # ... and the one at +1
+            edge = [slice(None)] * mask.ndim
+            for end in (0, -1):  # outside the array counts as background
+                edge[ax] = end
+                inner[tuple(edge)] = False
+        return np.stack(np.unravel_index(np.flatnonzero(mask & ~inner), mask.shape), axis=1)
+    coords = np.stack(np.unravel_index(idx, mask.shape), axis=1)
     if coords.size == 0:
         return coords
     shape = np.asarray(mask.shape)
@@ -101,17 +123,73 @@ def _grown_union_box(p: np.ndarray, g: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, p.shape))
 
 
+# unbalanced, non-compact trees build and query ~25% faster here (nearest neighbours stay exact)
+_KD = dict(leafsize=16, balanced_tree=False, compact_nodes=False)
+
+
 def _directed_distances(pc: np.ndarray, gc: np.ndarray, spacing_mm) -> tuple[np.ndarray, np.ndarray]:
     from scipy.spatial import cKDTree
 
     scale = np.asarray(spacing_mm, dtype=np.float64)
     cp = surface_coords(pc) * scale
     cg = surface_coords(gc) * scale
-    # unbalanced, non-compact trees build and query ~25% faster here (nearest neighbours stay exact)
-    kw = dict(leafsize=16, balanced_tree=False, compact_nodes=False)
-    d_pg = cKDTree(cg, **kw).query(cp, k=1)[0]
-    d_gp = cKDTree(cp, **kw).query(cg, k=1)[0]
+    d_pg = cKDTree(cg, **_KD).query(cp, k=1)[0]
+    d_gp = cKDTree(cp, **_KD).query(cg, k=1)[0]
     return d_pg, d_gp
+
+
+_BOUNDED_MIN_QUERIES = 4096  # below this a plain query of every point is as fast
+_SAMPLE_BLOCK = 6  # voxels per edge of the blocks that give one sample point each
+
+
+def _percentile_and_count(query: np.ndarray, ref_vox: np.ndarray, scale: np.ndarray, percentile: float,
+                          tolerance_mm: float) -> tuple[float, int, int]:
+    """``(np.percentile(d, percentile), #{d <= tolerance}, d.size)`` of the exact nearest-surface
+    distances ``d`` (mm) from each row of ``query`` (mm, ``(N, 3)``) to the points ``ref_vox * scale``.
+
+    Identical to computing every ``d`` with the KD-tree (what :func:`_directed_distances` does), but only
+    the distances that can decide the two results are computed exactly. Why: a noisy prediction has tens
+    of thousands of isolated surface voxels far from the lesions, and a KD-tree query from a far point
+    visits many nearly equidistant leaves (~1 us per point).
+
+    How (exact): ``S`` = one surface point per block of ``_SAMPLE_BLOCK``^3 voxels, ``r`` = the largest
+    distance from a surface point to its nearest ``S`` point; by the triangle inequality every
+    ``d(q) in [d(q, S) - r, d(q, S)]`` (``d(q, S)`` is a distance to an actual surface point, computed
+    with the same arithmetic, so it bounds the exact value from above; a 1e-9 relative slack on both
+    sides absorbs rounding). With ``lo``/``hi`` those bounds and ``a..b`` the ranks around the
+    percentile's virtual index ``(N - 1) p / 100`` (+-1 for rounding), a point with ``hi < lo_(a)``
+    ranks below ``a`` and one with ``lo > hi_(b)`` above ``b`` (``x_(k)`` = k-th smallest). Every other
+    point, and every point whose bounds straddle the tolerance, gets its exact distance; the rest get
+    -1 / +inf placeholders, which leave the sorted values at ranks ``a..b`` (all the percentile reads)
+    unchanged, and ``d <= tolerance`` is decided by their bounds.
+    """
+    from scipy.spatial import cKDTree
+
+    n = query.shape[0]
+    tree = cKDTree(ref_vox * scale, **_KD)
+    if n < _BOUNDED_MIN_QUERIES:
+        d = tree.query(query, k=1)[0]
+        return float(np.percentile(d, percentile)), int(np.count_nonzero(d <= tolerance_mm)), n
+    key = ref_vox // _SAMPLE_BLOCK
+    key = (key[:, 0] * (int(key[:, 1].max()) + 1) + key[:, 1]) * (int(key[:, 2].max()) + 1) + key[:, 2]
+    sample = ref_vox[np.unique(key, return_index=True)[1]] * scale
+    sample_tree = cKDTree(sample, **_KD)
+    cover = float(sample_tree.query(ref_vox * scale, k=1)[0].max())
+    hi = sample_tree.query(query, k=1)[0]
+    slack = 1e-9 * (hi + cover) + 1e-12
+    lo = hi - cover - slack
+    hi = hi + slack
+    h = int(np.floor((n - 1) * percentile / 100.0))
+    a, b = max(h - 1, 0), min(h + 2, n - 1)
+    lo_a = np.partition(lo, a)[a]
+    hi_b = np.partition(hi, b)[b]
+    below, above = hi < lo_a, lo > hi_b
+    exact = ~(below | above) | ((lo <= tolerance_mm) & (hi > tolerance_mm))
+    d = np.where(below, -1.0, np.inf)
+    d[exact] = tree.query(query[exact], k=1)[0]
+    count = int(np.count_nonzero(d[exact] <= tolerance_mm)) + int(
+        np.count_nonzero(~exact & (hi <= tolerance_mm)))
+    return float(np.percentile(d, percentile)), count, n
 
 
 def surface_distances(pred: np.ndarray, gt: np.ndarray,
@@ -149,10 +227,13 @@ def voxel_scores(pred: np.ndarray, gt: np.ndarray, spacing_mm: tuple[float, floa
     fp, fn = n_p - tp, n_g - tp
     if n_p == 0 or n_g == 0:
         return VoxelScores(0.0, float("nan"), 0.0, tp, fp, fn)
-    d_pg, d_gp = _directed_distances(pc, gc, spacing_mm)
-    hd = max(float(np.percentile(d_pg, percentile)), float(np.percentile(d_gp, percentile)))
-    nsd = (int(np.count_nonzero(d_pg <= tolerance_mm)) + int(np.count_nonzero(d_gp <= tolerance_mm))) / (
-        d_pg.size + d_gp.size)
+    scale = np.asarray(spacing_mm, dtype=np.float64)
+    sp, sg = surface_coords(pc), surface_coords(gc)
+    # the same numbers as from the full distance arrays of _directed_distances, computed faster
+    q_pg, n_pg_tol, n_sp = _percentile_and_count(sp * scale, sg, scale, percentile, tolerance_mm)
+    q_gp, n_gp_tol, n_sg = _percentile_and_count(sg * scale, sp, scale, percentile, tolerance_mm)
+    hd = max(q_pg, q_gp)
+    nsd = (n_pg_tol + n_gp_tol) / (n_sp + n_sg)
     return VoxelScores(2.0 * tp / (n_p + n_g), hd, nsd, tp, fp, fn)
 
 

@@ -223,3 +223,16 @@ def test_many_components_are_handled_in_one_pass():
     assert len(m.candidates) > 1000
     n_fp = int(np.count_nonzero(m.candidate_outcome == FP))
     assert n_fp + int(np.count_nonzero(m.candidate_outcome != FP)) == len(m.candidates)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_equals_stable_argsort(seed):
+    from pipeline.evaluation.lesions import top_k
+
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 20, 500) / 19.0  # many ties, also at the cut
+    for k in (1, 7, 100, 499, 500, 600):
+        want = np.sort(np.argsort(-scores, kind="stable")[:k])
+        np.testing.assert_array_equal(top_k(scores, k), want)
+    scores[[3, 40]] = np.nan
+    np.testing.assert_array_equal(top_k(scores, 50), np.sort(np.argsort(-scores, kind="stable")[:50]))

@@ -94,3 +94,46 @@ def test_sparse_surface_equals_scipy_erosion():
     m = rng.random(S) > 0.4
     m[0] = True  # a full border face
     np.testing.assert_array_equal(surface_voxels(m), m & ~binary_erosion(m))
+
+
+def _from_full_distances(a, b, spacing, tol, pct):
+    """HD / surface Dice from every surface distance (the plain KD-tree query of each point)."""
+    from pipeline.evaluation.voxel_metrics import surface_distances
+
+    d_ab, d_ba = surface_distances(a, b, spacing)
+    hd = max(float(np.percentile(d_ab, pct)), float(np.percentile(d_ba, pct)))
+    return hd, (int(np.sum(d_ab <= tol)) + int(np.sum(d_ba <= tol))) / (d_ab.size + d_ba.size)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_noisy_mask_percentile_equals_full_distances(seed):
+    """> 4096 isolated surface voxels take the bounded path: results equal to the last bit."""
+    from pipeline.evaluation import voxel_metrics as vm
+
+    rng = np.random.default_rng(seed)
+    shape = (40, 44, 36)
+    noise = rng.random(shape) < 0.12  # ~7,600 voxels, nearly all on the surface
+    lesions = np.zeros(shape, bool)
+    for _ in range(seed + 1):
+        c = rng.integers(4, 32, 3)
+        lesions[tuple(slice(x - 3, x + int(rng.integers(1, 5))) for x in c)] = True
+    assert vm.surface_coords(noise).shape[0] >= vm._BOUNDED_MIN_QUERIES
+    spacing = (0.8, 0.8, 1.5) if seed % 2 else (1.0, 0.7, 3.0)
+    for a, b in ((noise, lesions), (lesions, noise)):
+        for tol, pct in ((1.0, 95.0), (2.5, 95.0), (0.0, 50.0), (1.0, 100.0), (1.5, 99.0)):
+            s = voxel_scores(a, b, spacing, tolerance_mm=tol, percentile=pct)
+            assert (s.hd95_mm, s.surface_dice) == _from_full_distances(a, b, spacing, tol, pct)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])  # the shifted-views way, then the gathering way
+def test_both_surface_ways_equal_scipy_erosion(fraction, monkeypatch):
+    from scipy.ndimage import binary_erosion
+
+    from pipeline.evaluation import voxel_metrics as vm
+
+    monkeypatch.setattr(vm, "_DENSE_FRACTION", fraction)
+    rng = np.random.default_rng(1)
+    for shape in [(1, 5, 7), (6, 1, 1), (9, 8, 7), S]:
+        for p in (0.05, 0.5, 0.95):
+            m = rng.random(shape) < p
+            np.testing.assert_array_equal(vm.surface_coords(m), np.argwhere(m & ~binary_erosion(m)))
