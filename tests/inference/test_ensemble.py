@@ -16,7 +16,9 @@ from pipeline.inference.ensemble import load_ensemble, mean_operating_point
 from pipeline.inference.predict import load_model
 from pipeline.inference.sliding_window import predict_probabilities
 from pipeline.io import Volume, make_affine, read_volume, write_volume
-from pipeline.training.checkpoint import CheckpointError, save_checkpoint
+from pipeline.training.checkpoint import CheckpointError
+
+from .tiny_model import random_checkpoint, tiny_plan
 
 TINY = {"data": {"synthetic": {"n_cases": 3, "shape": [40, 36, 12], "lesion_free_fraction": 0.0}},
         "train": {"model": {"name": "unet", "base_filters": 4, "max_filters": 16, "num_res_units": 0}},
@@ -24,29 +26,14 @@ TINY = {"data": {"synthetic": {"n_cases": 3, "shape": [40, 36, 12], "lesion_free
 
 
 def _checkpoint(path: Path, seed: int, threshold: float | None, plan: dict) -> Path:
-    from pipeline.model.factory import build_model
-
-    cfg = config_from_dict(TINY)
-    torch.manual_seed(seed)
-    model = build_model(cfg.train.model, plan, 1, int(plan["n_classes"]))
-    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "plan": plan,
-                           "operating_point": {"threshold": threshold}})
-    return path
+    return random_checkpoint(path, config_from_dict(TINY), plan, seed, threshold)
 
 
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory) -> dict:
     """A real plan (fingerprint + planner) of a tiny synthetic data set: predict preprocesses with it."""
-    from pipeline.data.synthetic import write_synthetic_dataset
-    from pipeline.io.dataset import load_dataset
-    from pipeline.preprocessing.fingerprint import compute_fingerprint
-    from pipeline.preprocessing.plan import make_plan
-
     root = tmp_path_factory.mktemp("ensemble_data")
-    cfg = config_from_dict({**TINY, "paths": {"raw": str(root / "raw")}})
-    write_synthetic_dataset(root / "raw", cfg.data.synthetic, progress=False)
-    ds = load_dataset(cfg.data, cfg.paths.raw)
-    return make_plan(compute_fingerprint(ds, [c.case_id for c in ds.training], cfg.data, 1), ds, cfg)
+    return tiny_plan(config_from_dict({**TINY, "paths": {"raw": str(root / "raw")}}))
 
 
 @pytest.fixture(scope="module")

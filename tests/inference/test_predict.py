@@ -11,18 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from scipy.spatial.transform import Rotation
 
 from pipeline.config import Config, EvaluationConfig, config_from_dict
 from pipeline.inference.label_map import candidate_label_map
 from pipeline.inference.predict import load_model, predict_paths
 from pipeline.io import Volume, make_affine, read_volume, write_volume
-from pipeline.io.dataset import load_dataset
-from pipeline.model.factory import build_model
-from pipeline.preprocessing.fingerprint import compute_fingerprint
-from pipeline.preprocessing.plan import make_plan
-from pipeline.training.checkpoint import CheckpointError, save_checkpoint
+from pipeline.training.checkpoint import CheckpointError
+
+from .tiny_model import random_checkpoint, tiny_plan
 
 TINY = {"data": {"synthetic": {"n_cases": 4, "shape": [40, 36, 12], "lesion_free_fraction": 0.0}},
         "train": {"model": {"base_filters": 4, "max_filters": 16}}, "tracking": {"enabled": False},
@@ -31,20 +28,9 @@ TINY = {"data": {"synthetic": {"n_cases": 4, "shape": [40, 36, 12], "lesion_free
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    from pipeline.data.synthetic import write_synthetic_dataset
-
     root = tmp_path_factory.mktemp("predict")
     cfg = config_from_dict({**TINY, "paths": {"raw": str(root / "raw")}})
-    write_synthetic_dataset(root / "raw", cfg.data.synthetic, progress=False)
-    ds = load_dataset(cfg.data, cfg.paths.raw)
-    ids = [c.case_id for c in ds.training]
-    plan = make_plan(compute_fingerprint(ds, ids, cfg.data, 1), ds, cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg.train.model, plan, 1, int(plan["n_classes"]))
-    path = root / "best.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "plan": plan,
-                           "operating_point": {"threshold": 0.5}})
-    return path
+    return random_checkpoint(root / "best.pt", cfg, tiny_plan(cfg))
 
 
 def _oblique_scan(shape=(45, 38, 13), spacing=(0.7, 0.9, 2.7)) -> Volume:
