@@ -30,11 +30,17 @@ repro: $(STAMP)  ## run the whole DVC pipeline (data -> preprocess -> train -> e
 
 # pytest's own exit status is kept in $(VENV)/.pytest-status (make itself exits 2 on any failure):
 # .ci/run passes it on, so CI can tell failures (1) from "no tests collected" (5).
-test: $(STAMP)  ## the whole test suite, slow end-to-end tests included
+# ruff first (the rules configured in pyproject.toml): a lint failure is a test failure (status 1).
+test: $(STAMP)  ## lint + the whole test suite, slow end-to-end tests included
+	$(VENV)/bin/ruff check pipeline tests benchmarks notebooks || { echo 1 > $(VENV)/.pytest-status; exit 1; }
 	$(PY) -m pytest -q; status=$$?; echo $$status > $(VENV)/.pytest-status; exit $$status
 
 test-fast: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests benchmarks notebooks
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests benchmarks notebooks
 
 clean:
 	rm -rf data models results dvc_plots mlflow.db mlartifacts

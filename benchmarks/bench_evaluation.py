@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     n_picai = args.n if args.picai_scans is None else min(args.picai_scans, args.n)
     if picai is None:
         n_picai = 0
+    from pipeline.io.volume import make_affine
+
+    affine = make_affine(SPACING)
     classes = _classes(None, 1)
     t_ours = t_ours_match = t_picai = t_gen = 0.0
     matches, voxel = [], {"lesion": []}
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         t_gen += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        m, vs = evaluate_case(f"s{i:03d}", prob, gt, SPACING, cfg, 1, classes, voxel_metrics=True)
+        m, vs = evaluate_case(f"s{i:03d}", prob, gt, affine, cfg, 1, classes, voxel_metrics=True)
         t_ours += time.perf_counter() - t0
         matches.append(m)
         voxel["lesion"].append(vs["lesion"])
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(n_picai):
         prob, gt = make_scan(i, args.size, args.seed, _NOISE)  # regenerated, not timed
         tm = time.perf_counter()
-        evaluate_case(f"s{i:03d}", prob, gt, SPACING, cfg, 1, classes, voxel_metrics=False)
+        evaluate_case(f"s{i:03d}", prob, gt, affine, cfg, 1, classes, voxel_metrics=False)
         t_ours_match += time.perf_counter() - tm
 
     lines = [

@@ -49,12 +49,15 @@ def halo_prediction(mask: np.ndarray, halo_vox: int, rng: np.random.Generator, n
 def real_masks(real: Path):
     import nibabel as nib
 
+    from pipeline.io.volume import make_affine
+
     paths = sorted((real / "ms_lesion_change_lit_longitudinal").glob("*/lesion_change_mask.nii.gz"))
     paths += [real / "qin_headneck_pet_multilesion" / "lesion_instances.nii.gz"]
     for p in paths:
         if p.exists():
             img = nib.load(p)
-            yield p.parent.name, np.ascontiguousarray(np.asarray(img.dataobj) > 0), img.header.get_zooms()[:3]
+            yield (p.parent.name, np.ascontiguousarray(np.asarray(img.dataobj) > 0),
+                   make_affine(img.header.get_zooms()[:3]))  # the spacing's diagonal affine (mm)
 
 
 def cpm_both(cases, lesion_label=1) -> dict[str, float]:
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"real masks, perfect placement, halo {halo} vox ({len(cases)} scans, {r['static'][2]} lesions)",
                      r))
     if args.predictions:
-        from pipeline.evaluation.evaluate import _read_cases, pair_files
+        from pipeline.evaluation.folders import _read_cases, pair_files
 
         pairs, problems = pair_files(args.predictions, args.labels)
         cases = list(_read_cases(pairs, problems, args.lesion_label))

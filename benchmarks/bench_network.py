@@ -56,9 +56,10 @@ def build(name: str, base: int, top: int, patch: tuple[int, int, int], spacing: 
     if name == "old_unet":  # the previous default, first stride at the input conv (MONAI issue #1258)
         return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=filters,
                     strides=[tuple(s) for s in topo["strides"][1:]], num_res_units=1, norm="INSTANCE")
-    plan = {"network": {**topo, "filters": filters}}
+    network = {"strides": topo["strides"], "kernel_sizes": topo["kernel_sizes"], "filters": filters,
+               "pools_per_axis": topo["pools"]}
     cfg = ModelConfig(name=name, base_filters=base, max_filters=top, num_res_units=0)
-    return build_model(cfg, plan, 1, 3)
+    return build_model(cfg, network, 1, 3)
 
 
 def time_steps(model, patch, batch: int, warmup: int, steps: int) -> list[float]:

@@ -74,16 +74,17 @@ def _input_mb(cases) -> float:
 def _child_ours(root: str, plan_path: str) -> dict:
     from pipeline.config import PreprocessConfig
     from pipeline.io.dataset import load_msd, read_case_image, read_case_label
+    from pipeline.preprocessing.plan import load_plan
     from pipeline.preprocessing.transform import preprocess_case
 
-    plan = json.loads(Path(plan_path).read_text())
+    plan = load_plan(plan_path)
     cfg = PreprocessConfig()
     cases = load_msd(root).training
 
     def one(case):
         image, label = read_case_image(case), read_case_label(case)
         img, _, _ = preprocess_case(image, label, plan, cfg)
-        return img.shape
+        return img.data.shape
 
     return _timed(cases, one)
 
@@ -158,7 +159,7 @@ def _timed(cases, one) -> dict:
 def _child_stage(root: str, out: str, workers: int) -> dict:
     from pipeline.config import config_from_dict
     from pipeline.io.dataset import load_msd
-    from pipeline.preprocessing.stage import run_preprocess
+    from pipeline.stages.preprocess import run_preprocess
 
     ds = load_msd(root)
     ids = [c.case_id for c in ds.training]
@@ -240,7 +241,7 @@ def _plan(root: Path, out: Path, target: list[float] | None) -> Path:
     ds = load_msd(root)
     fp = compute_fingerprint(ds, [c.case_id for c in ds.training], cfg.data, workers=2)
     plan_path = out / f"plan_{root.name}.json"
-    plan_path.write_text(json.dumps(make_plan(fp, ds, cfg)))
+    plan_path.write_text(make_plan(fp, ds, cfg).to_json())
     return plan_path
 
 

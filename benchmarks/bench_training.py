@@ -59,7 +59,9 @@ def write_data(
 ) -> None:
     """Synthetic scans in the preprocessed layout (``plan.json``, ``cases/<id>_{image,label}.npy``)."""
     from pipeline.config import SyntheticConfig
+    from pipeline.contracts import Plan
     from pipeline.data.synthetic import generate_case
+    from pipeline.preprocessing.transform import grid_record
 
     syn = SyntheticConfig(
         shape=shape, spacing_mm=SPACING_MM, n_cases=n_cases, lesion_free_fraction=0.0, oblique_fraction=0.0
@@ -72,23 +74,27 @@ def write_data(
         cid = f"case_{i:03d}"
         np.save(cases / f"{cid}_image.npy", (image.data.astype(np.float32) - 50.0) / 100.0)
         np.save(cases / f"{cid}_label.npy", np.ascontiguousarray(label.data[0]))
-        (cases / f"{cid}.json").write_text(json.dumps({"target_spacing_mm": list(SPACING_MM)}))
+        (cases / f"{cid}.json").write_text(grid_record(image.shape, SPACING_MM, 3, case_id=cid).to_json())
         ids.append(cid)
     # the plan the preprocess stage makes for such data: 5 levels, no downsampling of z at the first level
-    plan = {
-        "patch_size": list(patch),
-        "batch_size": batch,
+    plan = Plan.from_dict({
+        "version": 2, "orientation": "RAS", "channel_names": ["CT"],
+        "labels": {"0": "background", "1": "organ", "2": "lesion"}, "n_classes": 3, "lesion_labels": [LESION],
+        "target_spacing_mm": list(SPACING_MM), "anisotropic": False, "median_shape": list(shape),
+        "patch_size": list(patch), "patch_size_requested": None, "batch_size": batch,
+        "budget": {"kind": "cpu", "requested": "cpu", "voxels": float(np.prod(patch) * batch),
+                   "patch_voxels_x_batch": int(np.prod(patch) * batch)},
         "network": {
             "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
             "kernel_sizes": [[3, 3, 1]] + [[3, 3, 3]] * 4,
             "filters": [8, 16, 32, 64, 128],  # the CPU plan's width (pipeline/preprocessing/plan.py)
         },
-        "n_classes": 3,
-        "channel_names": ["CT"],
-        "lesion_labels": [LESION],
-        "target_spacing_mm": list(SPACING_MM),
-    }
-    (root / "plan.json").write_text(json.dumps(plan))
+        "intensity": [{"scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 50.0, "std": 100.0}],
+        "resampling": {"image_order": 3, "image_order_z": 1, "anisotropy_ratio": 3.0,
+                       "label": "one-hot linear + argmax", "crop_to_nonzero": True},
+        "n_fingerprint_cases": n_cases,
+    }, "bench_training")
+    (root / "plan.json").write_text(plan.to_json())
     (root / "ids.json").write_text(json.dumps(ids))
 
 
@@ -117,10 +123,11 @@ def config(root: Path, args: argparse.Namespace, epochs: int | None = None):
 
 def ours_epochs(root: Path, args: argparse.Namespace):
     """Generator: each ``next()`` trains one more epoch via ``train(resume=True)``; yields its history row."""
+    from pipeline.preprocessing.plan import load_plan
     from pipeline.training.data import load_preprocessed
     from pipeline.training.loop import train
 
-    plan = json.loads((root / "plan.json").read_text())
+    plan = load_plan(root / "plan.json")
     cases = load_preprocessed(root, json.loads((root / "ids.json").read_text()))
     out = root / f"models_{os.getpid()}"
     for epoch in range(args.epochs):
@@ -143,14 +150,15 @@ def monai_epochs(root: Path, args: argparse.Namespace):
     from monai.losses import DiceFocalLoss
 
     from pipeline.model.factory import build_model
+    from pipeline.preprocessing.plan import load_plan
     from pipeline.training.data import build_augmentation, load_preprocessed
 
     cfg = config(root, args)
-    plan = json.loads((root / "plan.json").read_text())
+    plan = load_plan(root / "plan.json")
     torch.manual_seed(cfg.seed)
     cases = load_preprocessed(root, json.loads((root / "ids.json").read_text()))
     items = [{"image": c.image, "label": c.label[None]} for c in cases]
-    patch = tuple(plan["patch_size"])
+    patch = plan.patch_size
     aug = build_augmentation(cfg.train.augment, anisotropic_axis=None)
     transform = T.Compose(
         [
@@ -166,7 +174,7 @@ def monai_epochs(root: Path, args: argparse.Namespace):
     set_track_meta(args.monai_track_meta == "on")
     ds = CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=0, progress=False)
     loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers)
-    model = build_model(cfg.train.model, plan, 1, int(plan["n_classes"]))
+    model = build_model(cfg.train.model, plan.network, 1, plan.n_classes)
     loss_function = DiceFocalLoss(to_onehot_y=True, softmax=True, include_background=False, gamma=2.0)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.optim.lr, weight_decay=cfg.train.optim.weight_decay

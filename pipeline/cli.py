@@ -43,24 +43,24 @@ def _require(path: str, option: str) -> Path:
 
 
 def cmd_synth_data(args: argparse.Namespace) -> int:
-    from pipeline.data.synthetic import write_synthetic_dataset
+    from pipeline.stages import data
 
     cfg = _config(args)
     out = Path(args.output or cfg.paths.raw)
-    write_synthetic_dataset(out, cfg.data.synthetic, progress=not args.quiet)
+    data.synthesise(cfg, out, progress=not args.quiet)
     args.summary = f"{cfg.data.synthetic.n_cases} synthetic scans in {out}"
     return EXIT_OK
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from pipeline.data.prepare import validated_dataset
+    from pipeline.stages import data
 
     cfg = _config(args)
     if args.dataset:
         _require(args.dataset, "--dataset")
         source = "csv" if args.dataset.endswith(".csv") else "msd"
         cfg = cfg.model_copy(update={"data": replace_data(cfg.data, source=source, dataset=args.dataset)})
-    ds, has_lesion = validated_dataset(cfg, progress=not args.quiet)
+    ds, has_lesion = data.check(cfg, progress=not args.quiet)
     print(f"OK: {ds.manifest}: {len(ds.training)} training case(s) ({sum(has_lesion.values())} with lesions), "
           f"{len(ds.test)} test case(s), labels {ds.labels}, channels {list(ds.channel_names)}")
     args.summary = f"{len(ds.training) + len(ds.test)} case(s) valid"
@@ -75,37 +75,50 @@ def replace_data(data_cfg, **changes):
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from pipeline.data.prepare import prepare_data
+    from pipeline.stages import data
 
     cfg = _config(args)
-    prepare_data(cfg, progress=not args.quiet)
+    data.run(cfg, progress=not args.quiet)
     args.summary = f"data set and splits in {cfg.paths.raw}, {cfg.paths.splits}"
     return EXIT_OK
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    import json
+    from pipeline.stages import preprocess
+    from pipeline.stages.shard import shard_from_options
 
-    from pipeline.data.prepare import validated_dataset
-    from pipeline.preprocessing.stage import run_preprocess
-
+    try:
+        shard = shard_from_options(args.shard, args.part_id, args.num_parts, parts_alone=args.merge)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if sum([args.plan_only, args.merge, shard is not None]) > 1:
+        raise UsageError("preprocess: use one of --plan-only, --shard K/N (or --part-id/--num-parts), --merge")
     cfg = _config(args)
-    ds, _ = validated_dataset(cfg, progress=not args.quiet)
-    splits = json.loads(Path(cfg.paths.splits).read_text())
     out = Path(args.output or cfg.paths.preprocessed)
-    run_preprocess(cfg, ds, splits, out, workers=args.workers)
-    args.summary = f"{sum(len(v) for v in splits.values())} case(s) preprocessed into {out}"
+    if args.plan_only:
+        summary = preprocess.run_plan(cfg, out, workers=args.workers, progress=not args.quiet)
+        args.summary = f"fingerprint.json and plan.json for {summary['n_cases']} case(s) in {out}"
+    elif shard is not None:
+        summary = preprocess.run_shard(cfg, shard, out, workers=args.workers, progress=not args.quiet)
+        args.summary = f"shard {shard}: {summary['n_cases']} case(s) preprocessed into {out}"
+    elif args.merge:
+        summary = preprocess.run_merge(cfg, out, workers=args.workers, num_parts=args.num_parts)
+        args.summary = f"all {summary['n_cases']} case(s) present in {out}"
+    else:
+        summary = preprocess.run(cfg, out, workers=args.workers, progress=not args.quiet)
+        args.summary = f"{summary['n_cases']} case(s) preprocessed into {out}"
     return EXIT_OK
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.training.stage import run_training
 
+
+def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.progress import epoch_eta
+    from pipeline.stages import train
 
     cfg = _config(args)
     with epoch_eta(cfg.train.epochs):
-        summary = run_training(cfg, resume=args.resume, progress=not args.quiet)
+        summary = train.run(cfg, resume=args.resume, progress=not args.quiet)
     if summary:  # empty on DDP ranks other than 0
         cpm = summary.get("best_val_cpm")
         args.summary = (f"best epoch {summary.get('best_epoch')}"
@@ -115,20 +128,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_make_folds(args: argparse.Namespace) -> int:
-    from pipeline.training.stage import make_folds_file
+    from pipeline.stages import train
 
     cfg = _config(args)
-    folds = make_folds_file(cfg)
+    folds = train.make_folds_file(cfg)
     print(f"{cfg.paths.folds}: {len(folds)} folds, validation scans per fold "
           f"{[len(f['val']) for f in folds]} (commit this file: folds are never remade)")
     return EXIT_OK
 
 
 def cmd_train_folds(args: argparse.Namespace) -> int:
-    from pipeline.training.stage import run_training_folds
+    from pipeline.stages import train
 
     cfg = _config(args)
-    best = run_training_folds(cfg, args.folds, resume=args.resume, progress=not args.quiet)
+    best = train.run_folds(cfg, args.folds, resume=args.resume, progress=not args.quiet)
     listed = ",".join(str(p) for p in best)
     print(f"trained {len(best)} fold(s). Evaluate their ensemble on the test scans with:\n"
           f"  python -m pipeline evaluate --set 'inference.checkpoints=[{listed}]'")
@@ -136,32 +149,35 @@ def cmd_train_folds(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.inference.predict import predict_paths
+    from pipeline.stages import predict
+    from pipeline.stages.shard import shard_from_options
 
+    try:
+        shard = shard_from_options(args.shard, args.part_id, args.num_parts)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     models = [_require(m, "--model") for m in args.model]  # several: an ensemble (mean probabilities)
     source = _require(args.input, "--input")  # before any work
     cfg = _config(args)
-    written = predict_paths(cfg, models, source, Path(args.output), progress=not args.quiet,
-                            output_format=args.format)
-    args.summary = (f"{len(written)} scan(s) predicted into {args.output}"
+    written = predict.run(cfg, models, source, Path(args.output), progress=not args.quiet,
+                            output_format=args.format, shard=shard)
+    args.summary = ((f"shard {shard}: " if shard else "") + f"{len(written)} scan(s) predicted into {args.output}"
                     + (f" by an ensemble of {len(models)} models" if len(models) > 1 else ""))
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.stages import evaluate
+
     cfg = _config(args)
     if args.predictions:
-        from pipeline.evaluation.evaluate import evaluate_folders
-
         if not args.labels or not args.output:
             raise UsageError("evaluate --predictions needs --labels and --output")
         _require(args.predictions, "--predictions"), _require(args.labels, "--labels")
-        metrics = evaluate_folders(Path(args.predictions), Path(args.labels), Path(args.output), cfg.evaluation,
-                                   lesion_label=args.lesion_label)
+        metrics = evaluate.run_folders(cfg, Path(args.predictions), Path(args.labels), Path(args.output),
+                                       lesion_label=args.lesion_label)
     else:
-        from pipeline.evaluation.stage import run_evaluation_stage
-
-        metrics = run_evaluation_stage(cfg, progress=not args.quiet)
+        metrics = evaluate.run(cfg, progress=not args.quiet)
     cpm = metrics["cpm"]
     print(f"CPM {cpm:.4f}  lesions {metrics['lesions_total']}  scans {metrics['scans_total']}" if cpm is not None
           else f"CPM undefined (no lesions)  lesions 0  scans {metrics['scans_total']}")
@@ -170,9 +186,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
-    from pipeline.io.make_dataset import make_dataset
+    from pipeline.stages import data
 
-    path = make_dataset(images=args.images, labels=args.labels, output=Path(args.output),
+    path = data.make_manifest(images=args.images, labels=args.labels, output=Path(args.output),
                         channel_names=args.channel_names, label_names=args.label_names,
                         case_id_regex=args.case_id_regex, root=args.root)
     print(f"wrote {path}")
@@ -194,6 +210,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.loss.gamma=1 (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+
+
+def _shard_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--shard", metavar="K/N", default=None,
+                   help=f"only part K of N (K = 0..N-1) of the {what}, sorted by name: sorted[K::N]; "
+                        "N shards may run at once on several machines (docs/scaling.md)")
+    p.add_argument("--part-id", type=int, default=None, metavar="K", help="--shard K/N as nnU-Net spells it")
+    p.add_argument("--num-parts", type=int, default=None, metavar="N", help="--shard K/N as nnU-Net spells it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("preprocess", cmd_preprocess, "fingerprint, plan, and preprocess every case (parallel)")
     p.add_argument("--output", help="folder (default: paths.preprocessed)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: preprocess.workers)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="only write fingerprint.json and plan.json (step 1 of a sharded run, docs/scaling.md)")
+    _shard_options(p, "cases")
+    p.add_argument("--merge", action="store_true",
+                   help="after the shards: check that every case is finished, naming missing ones (with their "
+                        "shard when --num-parts N is given)")
     p = add("train", cmd_train, "train the 3D U-Net (torchrun for several GPUs)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     add("make-folds", cmd_make_folds, "write the cross-validation folds file (paths.folds) once, from the split")
@@ -232,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--format", default="input", choices=["input", "nifti"],
                    help="output format: the input's (NIfTI for DICOM) or always NIfTI")
+    _shard_options(p, "scans")
     p = add("evaluate", cmd_evaluate, "lesion-level FROC/CPM and voxel metrics (the stage, or any folders)")
     p.add_argument("--predictions", help="folder of probability / label maps (evaluate anything)")
     p.add_argument("--labels", help="folder of ground-truth label maps, matched by file name")
@@ -275,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     from pipeline.config import ConfigError
+    from pipeline.contracts import ContractError
     from pipeline.data.splits import FoldsError
     from pipeline.io.dataset import DatasetError
     from pipeline.io.formats import VolumeReadError
@@ -297,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"usage error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (DatasetError, DataValidationError, VolumeReadError, FoldsError, FileNotFoundError) as exc:
+    except (DatasetError, DataValidationError, VolumeReadError, FoldsError, ContractError, FileNotFoundError) as exc:
         print(f"data error:\n{exc}", file=sys.stderr)
         return EXIT_DATA
     except KeyboardInterrupt:

@@ -305,8 +305,14 @@ class TrainConfig(_Section):
     time_budget_min: float | None = Field(None, gt=0)
     fold: int | None = Field(None, ge=0)  # cross-validation fold to train (null: the train / val split)
     n_folds: int = Field(5, ge=2)  # folds made once from the train + val scans (paths.splits' folder)
-    cache: Literal["memory", "disk"] = "memory"
+    # preprocessed arrays: "memory" (loaded), "mmap" (read-only memory maps; "disk" / "memmap" are aliases),
+    # "auto": memory-mapped when they exceed cache_ram_fraction of the available RAM (training/data.py)
+    cache: Literal["auto", "memory", "mmap", "memmap", "disk"] = "auto"
+    cache_ram_fraction: float = Field(0.5, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # DDP (torchrun): minutes a collective waits for the slowest rank before the run fails (the process
+    # group's timeout); must cover a rank's share of a validation pass and a checkpoint write on rank 0
+    dist_timeout_min: float = Field(30.0, gt=0)
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -339,7 +339,7 @@ def test_logging_goes_through_tqdm_while_a_command_runs(monkeypatch):
     (["a.nii.gz", "b_0000.nii.gz"], 1, ["a", "b_0000"]),
 ])
 def test_predict_case_names_strip_nnunet_channel_suffixes(tmp_path, names, n_channels, expected):
-    from pipeline.inference.predict import collect_inputs
+    from pipeline.io.scan_files import collect_inputs
 
     for name in names:
         (tmp_path / name).write_bytes(b"")
@@ -359,3 +359,85 @@ def test_folds_file_for_another_case_set_is_a_data_error_exit_3(workdir):
     result = run_cli("make-folds", "-q", "--set", f"paths.folds={folds}", cwd=workdir)
     assert result.returncode == 3, result.stderr
     assert result.stderr.startswith("data error:\n") and str(folds) in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------- issue 16
+
+
+@pytest.mark.parametrize("command", ["preprocess", "predict"])
+@pytest.mark.parametrize("args, message", [
+    (["--shard", "3/3"], "shard 3/3: K must be in 0..2"),
+    (["--shard=-1/2"], "shard -1/2: K must be in 0..1"),
+    (["--shard", "x"], "shard 'x': expected K/N"),
+    (["--part-id", "1"], "--part-id K and --num-parts N go together"),
+    (["--part-id", "-1", "--num-parts", "2"], "shard -1/2: K must be in 0..1"),
+    (["--shard", "0/2", "--num-parts", "2"], "not both"),
+])
+def test_bad_shard_is_a_usage_error_exit_2(workdir, command, args, message):
+    required = ["--model", "m.pt", "--input", "in", "--output", "out"] if command == "predict" else []
+    result = run_cli(command, *required, *args, "-q", cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("usage error: ") and message in result.stderr
+    assert list(workdir.iterdir()) == []  # refused before any work
+
+
+def test_shard_value_starting_with_a_dash_is_exit_2(workdir):
+    # argparse reads "-1/2" after a space as an option: still a usage error (write --shard=-1/2 for the message)
+    result = run_cli("preprocess", "--shard", "-1/2", "-q", cwd=workdir)
+    assert result.returncode == 2 and "--shard" in result.stderr
+
+
+def test_preprocess_modes_are_exclusive(workdir):
+    result = run_cli("preprocess", "--plan-only", "--shard", "0/2", "-q", cwd=workdir)
+    assert result.returncode == 2 and "use one of --plan-only, --shard" in result.stderr
+    result = run_cli("preprocess", "--merge", "--part-id", "0", "--num-parts", "2", "-q", cwd=workdir)
+    assert result.returncode == 2 and "use one of" in result.stderr
+
+
+def _scaling_doc_commands() -> list[tuple[str, int]]:
+    """Every ``python -m pipeline preprocess|predict ...`` in the code blocks of docs/scaling.md's sharding
+    section (shell line continuations joined, YAML/--wrap quoting removed, ``${VAR}`` filled in with task
+    index 5), each with the block's N (its ``N=`` line, else 16)."""
+    text = (REPO_ROOT / "docs" / "scaling.md").read_text().split("## Sharded preprocessing and prediction")[1]
+    text = text.split("\n## ")[0].replace("\\\n", " ").replace('\\"', '"')
+    commands = []
+    for block in re.findall(r"```\w*\n(.*?)```", text, flags=re.S):
+        n = re.search(r"\bN=(?:\$\{N:-)?(\d+)", block)
+        n = int(n.group(1)) if n else 16
+        env = {"N": str(n), "SLURM_ARRAY_TASK_ID": "5", "JOB_COMPLETION_INDEX": "5", "SLURM_CPUS_PER_TASK": "8"}
+        for rest in re.findall(r"python -m pipeline ((?:preprocess|predict)\b.*)", block):
+            if rest.count('"') % 2:  # the command ends inside a YAML or --wrap string: cut at its closing quote
+                rest = rest[: rest.rindex('"')]
+            for name, value in env.items():
+                rest = rest.replace("${" + name + "}", value)
+            commands.append((rest, n))
+    return commands
+
+
+def test_scaling_doc_shard_recipes_parse_and_reach_the_right_stage(tmp_path, monkeypatch):
+    """The Slurm and Kubernetes recipes' command lines are valid: each reaches the stage function it means,
+    with the shard of task index 5 of the block's N."""
+    import shlex
+
+    import pipeline.cli as cli
+    from pipeline.stages import predict, preprocess
+    from pipeline.stages.shard import Shard
+
+    calls = []
+    monkeypatch.setattr(preprocess, "run_plan", lambda cfg, out, **kw: calls.append(("plan", None)) or {"n_cases": 1})
+    monkeypatch.setattr(preprocess, "run_shard",
+                        lambda cfg, shard, out, **kw: calls.append(("shard", shard)) or {"n_cases": 1})
+    monkeypatch.setattr(preprocess, "run_merge",
+                        lambda cfg, out, **kw: calls.append(("merge", kw["num_parts"])) or {"n_cases": 1})
+    monkeypatch.setattr(predict, "run", lambda *a, shard=None, **kw: calls.append(("predict", shard)) or [])
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "best.pt").write_bytes(b"")
+    (tmp_path / "scans").mkdir()
+    monkeypatch.chdir(tmp_path)
+    commands = _scaling_doc_commands()
+    assert len(commands) >= 6, commands  # Slurm: shard, plan, merge, predict; Kubernetes: shard, predict
+    for command, n in commands:
+        calls.clear()
+        assert cli.main(shlex.split(command)) == 0, command
+        kind, value = calls[0]
+        assert value == {"plan": None, "merge": n}.get(kind, Shard(5, n)), command

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,20 +35,6 @@ from pipeline.config import AugmentConfig
 from pipeline.data.sampling import crop_box, crop_patch
 
 EPS = 1e-7  # guards divisions by a channel's range or std (a constant patch)
-
-
-# --------------------------------------------------------------------------------------------- plan
-
-
-def anisotropic_axis(plan: dict[str, Any]) -> int | None:
-    """The plan's thick-slice axis: ``plan["anisotropic_axis"]`` when the plan writes it, else the axis of
-    the largest target spacing when ``plan["anisotropic"]`` is true, else ``None``."""
-    if "anisotropic_axis" in plan:
-        axis = plan["anisotropic_axis"]
-        return None if axis is None else int(axis)
-    if not plan.get("anisotropic", False):
-        return None
-    return int(np.argmax(plan["target_spacing_mm"]))
 
 
 # ------------------------------------------------------------------------------------------ spatial

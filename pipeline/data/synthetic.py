@@ -90,7 +90,8 @@ def generate_case(cfg: SyntheticConfig, index: int) -> tuple[Volume, Volume, lis
             if np.sum(u**2) > 1:
                 continue
             r = diameter / 2
-            centre = tuple(float(c + ui * max(rl - r - 2.0, 0.0)) for c, ui, rl in zip(liver_c, u, liver_r, strict=True))
+            centre = tuple(float(c + ui * max(rl - r - 2.0, 0.0))
+                           for c, ui, rl in zip(liver_c, u, liver_r, strict=True))
             if _ellipsoid([np.asarray(c) for c in centre], liver_c, liver_r) > (1 - (r + 2) / min(liver_r)) ** 2:
                 continue
             if any(np.linalg.norm(np.subtract(centre, o.centre_mm)) < r + o.diameter_mm / 2 + 4 for o in lesions):
@@ -110,7 +111,8 @@ def generate_case(cfg: SyntheticConfig, index: int) -> tuple[Volume, Volume, lis
 
     direction = np.eye(3)
     if rng.random() < cfg.oblique_fraction:
-        direction = Rotation.from_rotvec(rng.normal(size=3) / 3 * np.deg2rad(rng.uniform(8, 25)) * np.sqrt(3)).as_matrix()
+        rotvec = rng.normal(size=3) / 3 * np.deg2rad(rng.uniform(8, 25)) * np.sqrt(3)
+        direction = Rotation.from_rotvec(rotvec).as_matrix()
     origin = -(direction * spacing) @ ((shape - 1) / 2) + rng.uniform(-20, 20, size=3).round(1)
     affine = make_affine(spacing, origin, direction)
     return Volume(image_hu[None], affine), Volume(label[None], affine), lesions

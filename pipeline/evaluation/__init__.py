@@ -6,7 +6,8 @@ Layout (picai_eval-style: per-case matching returns records, aggregation is a se
 * :mod:`~pipeline.evaluation.froc` -- FROC curve, CPM, bootstrap CIs, operating points, size buckets
 * :mod:`~pipeline.evaluation.voxel_metrics` -- Dice, HD95 (mm), surface Dice (mm tolerance)
 * :mod:`~pipeline.evaluation.report` -- ``metrics.json``, ``froc.csv``, ``lesions.csv``, ``froc.png``
-* :mod:`~pipeline.evaluation.evaluate` -- :func:`evaluate_cases` (arrays) and :func:`evaluate_folders`
+* :mod:`~pipeline.evaluation.evaluate` -- :func:`evaluate_cases` (arrays in, :class:`EvaluationResult` out)
+* :mod:`~pipeline.evaluation.folders` -- :func:`evaluate_folders` (files in, the report files out)
 
 Conventions
 -----------
@@ -16,15 +17,15 @@ integer / binary map is a label map (lesion = ``value == lesion_label``, default
 components are candidates with score 1.0. Labels: lesion = ``label == lesion_label`` (default any
 nonzero).
 
-Candidates are the 26-connected components of ``probability >= extraction_threshold`` (default 0.1),
-scored by their maximum (or mean) probability (``extraction: static``), or PI-CAI's peak-relative
-candidates (``extraction: dynamic``, :mod:`~pipeline.evaluation.candidates`); GT lesions are the 26-connected components of the lesion
-label. A candidate hits a lesion when IoU >= ``iou_threshold`` (default 0.1, inclusive), or with
-``hit_criterion="peak"`` when its maximum voxel lies in the lesion, or with ``"distance"`` when its
-centroid is closer than the lesion's equivalent radius to the lesion centroid (mm). One candidate may
-hit several lesions. Each lesion counts once with the best score among the candidates hitting it;
-further candidates on an already-hit lesion are ignored (not false positives); candidates hitting
-nothing are false positives; scans without lesions contribute only false positives (LUNA16).
+Candidates are the 26-connected components of ``probability >= extraction_threshold`` (default 0.1), scored by
+their maximum (or mean) probability (``extraction: static``), or PI-CAI's peak-relative candidates
+(``extraction: dynamic``, :mod:`~pipeline.evaluation.candidates`); GT lesions are the 26-connected components
+of the lesion label. A candidate hits a lesion when IoU >= ``iou_threshold`` (default 0.1, inclusive), or with
+``hit_criterion="peak"`` when its maximum voxel lies in the lesion, or with ``"distance"`` when its centroid
+is closer than the lesion's equivalent radius to the lesion centroid (mm). One candidate may hit several
+lesions. Each lesion counts once with the best score among the candidates hitting it; further candidates on an
+already-hit lesion are ignored (not false positives); candidates hitting nothing are false positives; scans
+without lesions contribute only false positives (LUNA16).
 
 FROC: at every distinct score threshold ``t`` (equal scores enter together), sensitivity = lesions with
 best score >= t / all lesions, FPs per scan = false positives with score >= t / all scans, starting
@@ -43,9 +44,9 @@ from pipeline.evaluation.evaluate import (
     EvaluationResult,
     evaluate_case,
     evaluate_cases,
-    evaluate_folders,
     summarize,
 )
+from pipeline.evaluation.folders import evaluate_folders
 from pipeline.evaluation.froc import (
     BootstrapResult,
     FrocCurve,

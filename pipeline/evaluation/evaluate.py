@@ -1,10 +1,5 @@
-"""Library entry points: evaluate in-memory cases (training validation) or two folders (``evaluate``).
-
-* :func:`evaluate_cases` -- arrays in, :class:`EvaluationResult` out; no file I/O.
-* :func:`evaluate_folders` -- a folder of predictions against a folder of label maps matched by file
-  name; every pairing / readability / grid problem is collected first and raised together as
-  :class:`EvaluationInputError` before anything is written; then ``metrics.json``, ``froc.csv``,
-  ``lesions.csv`` and ``froc.png`` are written atomically to the output folder.
+"""Evaluate in-memory cases (training validation, the evaluate stage): arrays in, :class:`EvaluationResult`
+out, no file I/O (:func:`evaluate_cases`). Folders of files: :mod:`pipeline.evaluation.folders`.
 
 Prediction conventions are those of :func:`pipeline.evaluation.lesions.lesion_score_map`.
 """
@@ -13,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +19,7 @@ from pipeline.evaluation import froc as F
 from pipeline.evaluation.candidates import extraction_params, extraction_record
 from pipeline.evaluation.lesions import (
     CaseMatch,
-    as_affine,
+    check_affine,
     lesion_mask_from_labels,
     lesion_score_map,
     match_case,
@@ -35,7 +29,7 @@ from pipeline.evaluation.voxel_metrics import VoxelScores, summarize_class, voxe
 log = logging.getLogger(__name__)
 
 VOXEL_PROBABILITY_THRESHOLD = 0.5  # a single-channel probability map is binarised at >= 0.5 for voxel metrics
-Case = tuple[str, np.ndarray, np.ndarray, Any]  # (scan, prediction, label map, spacing (3,) mm or 4x4 affine)
+Case = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # (scan, prediction, label map, 4x4 voxel-to-RAS affine)
 
 
 class EvaluationInputError(ValueError):
@@ -93,8 +87,8 @@ class EvaluationResult:
             "candidates_ignored": n_ignored,
             "candidates_dropped": sum(c.n_dropped for c in self.cases),
             "by_size": self.by_size,
-            "operating_point": _op_dict(self.operating_point),
-            "operating_points": [_op_dict(op) for op in self.operating_points],
+            "operating_point": self.operating_point.to_dict(),
+            "operating_points": [op.to_dict() for op in self.operating_points],
             "dice": {name: v["dice"] for name, v in self.voxel.items()},
             "hd95_mm": {name: v["hd95_mm"] for name, v in self.voxel.items()},
             "surface_dice": {name: v["surface_dice"] for name, v in self.voxel.items()},
@@ -103,11 +97,6 @@ class EvaluationResult:
             "settings": self.settings,
         }
         return json_safe(out)
-
-
-def _op_dict(op: F.OperatingPoint) -> dict[str, Any]:
-    return {"target_fp_rate": op.target_fp_rate, "threshold": op.threshold, "fps_per_scan": op.fps_per_scan,
-            "sensitivity": op.sensitivity, "precision": op.precision, "tp": op.tp, "fp": op.fp}
 
 
 def json_safe(obj: Any) -> Any:
@@ -157,7 +146,7 @@ def _voxel_masks(pred: np.ndarray, score_map: np.ndarray, is_label: bool, gt: np
     return None  # a single-channel probability map only speaks for the lesion class
 
 
-def evaluate_case(scan: str, pred: np.ndarray, gt: np.ndarray, spacing_or_affine, cfg: EvaluationConfig,
+def evaluate_case(scan: str, pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, cfg: EvaluationConfig,
                   lesion_label: int | None = None, classes: list[tuple[str, int | None]] | None = None,
                   voxel_metrics: bool = True) -> tuple[CaseMatch, dict[str, VoxelScores]]:
     """Match one scan and compute its voxel metrics (no I/O).
@@ -166,7 +155,8 @@ def evaluate_case(scan: str, pred: np.ndarray, gt: np.ndarray, spacing_or_affine
         scan: scan name.
         pred: ``(X, Y, Z)`` probability or label map, or ``(C, X, Y, Z)`` class probabilities.
         gt: ``(X, Y, Z)`` integer label map.
-        spacing_or_affine: spacing (mm) or 4x4 voxel-to-world affine (mm; centroids are then world RAS).
+        affine: 4x4 voxel-to-world affine (mm; centroids are world RAS); for a bare spacing use
+            :func:`pipeline.io.volume.make_affine`.
         cfg: evaluation settings.
         lesion_label: label value / channel that is lesion (None: every nonzero label).
         classes: voxel-metric classes (default: the lesion class only).
@@ -175,7 +165,7 @@ def evaluate_case(scan: str, pred: np.ndarray, gt: np.ndarray, spacing_or_affine
     Raises:
         ValueError: the prediction or label map breaks the input conventions, or shapes differ.
     """
-    affine = as_affine(spacing_or_affine)
+    affine = check_affine(affine)
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     score_map, is_label = lesion_score_map(pred, lesion_label)
@@ -209,11 +199,8 @@ def summarize(cases: list[CaseMatch], voxel: dict[str, list[VoxelScores]], cfg: 
     lesion_scores = np.concatenate([c.lesion_score for c in cases])
     fp_scores = np.concatenate([c.fp_scores for c in cases])
     diameters = np.concatenate([c.lesions.diameter_mm for c in cases])
-    curve = F.froc_curve(lesion_scores, fp_scores, n_scans=len(cases))
-    sens = F.sensitivity_at(curve, rates)
-    targets = tuple(sorted(set(rates) | {float(cfg.operating_fp_rate)}))
-    ops = F.operating_points(curve, targets)
-    op = next(o for o in ops if o.target_fp_rate == float(cfg.operating_fp_rate))
+    froc = F.summarize_scores(lesion_scores, fp_scores, len(cases), rates, cfg.operating_fp_rate)
+    curve, sens, op = froc.curve, froc.sensitivity_at_fp, froc.operating_point
     by_size = F.sensitivity_by_size(lesion_scores, diameters, fp_scores, len(cases), cfg.size_buckets_mm,
                                     rates, op.threshold)
     boot = None
@@ -232,8 +219,8 @@ def summarize(cases: list[CaseMatch], voxel: dict[str, list[VoxelScores]], cfg: 
         **(settings or {}),
     }
     return EvaluationResult(
-        cases=list(cases), curve=curve, fp_rates=rates, cpm=float(np.mean(sens)), sensitivity_at_fp=sens,
-        operating_points=[o for o in ops if o.target_fp_rate in rates], operating_point=op, by_size=by_size,
+        cases=list(cases), curve=curve, fp_rates=rates, cpm=froc.cpm, sensitivity_at_fp=sens,
+        operating_points=froc.operating_points, operating_point=op, by_size=by_size,
         voxel={name: summarize_class(v) for name, v in voxel.items()}, bootstrap=boot, settings=all_settings,
         extraction=extraction_record(cfg),
     )
@@ -245,9 +232,9 @@ def evaluate_cases(cases: Iterable[Case], cfg: EvaluationConfig, *, lesion_label
     """Evaluate in-memory scans (e.g. the validation set during training); no file I/O.
 
     Args:
-        cases: iterable of ``(scan, prediction, label map, spacing_or_affine)``; prediction ``(X, Y, Z)``
+        cases: iterable of ``(scan, prediction, label map, affine)``; prediction ``(X, Y, Z)``
             probability / label map or ``(C, X, Y, Z)`` probabilities, label map ``(X, Y, Z)`` integer,
-            spacing ``(3,)`` mm or a 4x4 voxel-to-world affine (mm). Consumed one at a time, so a
+            affine the 4x4 voxel-to-world matrix (mm). Consumed one at a time, so a
             generator keeps memory flat.
         cfg: evaluation settings (``bootstrap=0`` skips the confidence intervals, e.g. for speed).
         lesion_label: lesion label value (None: every nonzero label is lesion).
@@ -260,7 +247,7 @@ def evaluate_cases(cases: Iterable[Case], cfg: EvaluationConfig, *, lesion_label
     Example:
         >>> gt = np.zeros((16, 16, 16), np.uint8); gt[4:8, 4:8, 4:8] = 1
         >>> cfg = EvaluationConfig(bootstrap=0)
-        >>> evaluate_cases([("a", gt.astype(np.float32), gt, (1.0, 1.0, 1.0))], cfg).cpm
+        >>> evaluate_cases([("a", gt.astype(np.float32), gt, np.eye(4))], cfg).cpm
         1.0
     """
     classes = _classes(class_labels, lesion_label)
@@ -277,154 +264,3 @@ def evaluate_cases(cases: Iterable[Case], cfg: EvaluationConfig, *, lesion_label
 
 # --------------------------------------------------------------------------------------------------
 # folders
-
-
-def _image_files(folder: Path) -> list[Path]:
-    from pipeline.io.formats import ITK_SUFFIXES, NIFTI_SUFFIXES, image_suffix
-
-    suffixes = NIFTI_SUFFIXES + ITK_SUFFIXES
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and image_suffix(p) in suffixes)
-
-
-def pair_files(predictions: Path, labels: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
-    """Match prediction and label files by name without image suffix (``case_01.nii.gz`` <-> ``case_01.mha``).
-
-    Returns:
-        (pairs ``(scan, prediction path, label path)`` sorted by scan, problems)
-    """
-    from pipeline.io.formats import strip_suffix
-
-    problems: list[str] = []
-    found: list[dict[str, list[Path]]] = []
-    for folder, what in ((predictions, "predictions"), (labels, "labels")):
-        by_name: dict[str, list[Path]] = {}
-        if not folder.is_dir():
-            problems.append(f"{folder}: {what} folder not found")
-        else:
-            for p in _image_files(folder):
-                by_name.setdefault(strip_suffix(p), []).append(p)
-            if not by_name:
-                problems.append(f"{folder}: no image files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) "
-                                f"in the {what} folder")
-        for name, paths in by_name.items():
-            if len(paths) > 1:
-                problems.append(f"{', '.join(map(str, paths))}: several {what} files for scan {name!r}")
-        found.append(by_name)
-    preds, labs = found
-    pairs = []
-    for name in sorted(set(preds) | set(labs)):
-        if name not in labs:
-            if labels.is_dir():
-                problems.append(f"{preds[name][0]}: no label file for scan {name!r} in {labels}")
-        elif name not in preds:
-            if predictions.is_dir():
-                problems.append(f"{labs[name][0]}: no prediction file for scan {name!r} in {predictions}")
-        else:
-            pairs.append((name, preds[name][0], labs[name][0]))
-    return pairs, problems
-
-
-def _read_pair(scan: str, pred_path: Path, label_path: Path, lesion_label: int | None
-               ) -> tuple[Case | None, list[str]]:
-    """Read and validate one prediction / label pair: (case or None, its problems naming the files)."""
-    from pipeline.io.formats import VolumeReadError, read_volume
-    from pipeline.io.volume import grid_mismatch
-
-    problems: list[str] = []
-    vols = []
-    for path in (pred_path, label_path):
-        try:
-            vols.append(read_volume(path))
-        except VolumeReadError as exc:
-            problems.append(str(exc))
-        except Exception as exc:  # noqa: BLE001 - any reader failure is reported with its file
-            problems.append(f"{path}: cannot read ({type(exc).__name__}: {exc})")
-    if len(vols) < 2:
-        return None, problems
-    pred_vol, label_vol = vols
-    mismatch = grid_mismatch(pred_vol, label_vol)
-    if mismatch:
-        return None, [f"{pred_path} vs {label_path}: grids differ ({'; '.join(mismatch)})"]
-    if label_vol.n_channels != 1:
-        return None, [f"{label_path}: label map has {label_vol.n_channels} channels; expected one"]
-    pred = pred_vol.data if pred_vol.n_channels > 1 else pred_vol.data[0]
-    try:
-        lesion_score_map(pred, lesion_label)
-    except ValueError as exc:
-        return None, [f"{pred_path}: {exc}"]
-    try:
-        lesion_mask_from_labels(label_vol.data[0], lesion_label)
-    except ValueError as exc:
-        return None, [f"{label_path}: {exc}"]
-    return (scan, pred, label_vol.data[0], label_vol.affine), []
-
-
-def _read_cases(pairs: list[tuple[str, Path, Path]], problems: list[str],
-                lesion_label: int | None, prefetch: bool = True) -> Iterator[Case]:
-    """Read and validate every pair; yield cases while no problem has been seen, raise them all at the end.
-
-    With ``prefetch``, one background thread reads the next pair while the caller evaluates the current
-    one: gzip decompression and NumPy's copies release the GIL, so on two or more cores the evaluation
-    hides behind the file reading (at most two pairs are in memory at once).
-    """
-    if not prefetch or len(pairs) < 2:
-        for pair in pairs:
-            case, probs = _read_pair(*pair, lesion_label)
-            problems.extend(probs)
-            if case is not None and not problems:
-                yield case
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-read") as pool:
-            pending = pool.submit(_read_pair, *pairs[0], lesion_label)
-            for k in range(len(pairs)):
-                case, probs = pending.result()
-                if k + 1 < len(pairs):
-                    pending = pool.submit(_read_pair, *pairs[k + 1], lesion_label)
-                problems.extend(probs)
-                if case is not None and not problems:
-                    yield case
-                del case  # let the pair go before the next one arrives
-    if problems:
-        raise EvaluationInputError(problems)
-
-
-def evaluate_folders(predictions: Path, labels: Path, output: Path, cfg: EvaluationConfig,
-                     lesion_label: int | None = None, class_labels: dict[int, str] | None = None) -> dict:
-    """Evaluate a folder of predictions against a folder of label maps matched by file name.
-
-    Predictions may be probability maps (single channel: lesion probability; multi-channel: per-class
-    probabilities, lesion channel = ``lesion_label``) or label / binary maps (integer files; every
-    component is a candidate with score 1.0), e.g. other tools' outputs such as nnU-Net's.
-
-    Args:
-        predictions, labels: folders of NIfTI / NRRD / MHA / MHD files; pairs share a name.
-        output: folder for ``metrics.json``, ``froc.csv``, ``lesions.csv``, ``froc.png``.
-        cfg: evaluation settings.
-        lesion_label: label value (and channel) that is lesion; None = every nonzero label.
-        class_labels: ``{value: name}`` for per-class voxel metrics (default: the lesion class).
-
-    Returns:
-        The metrics dict written to ``metrics.json``.
-
-    Raises:
-        EvaluationInputError: missing folders or partners, duplicate names, unreadable files,
-            mismatched grids or unusable contents, all listed with their files; nothing is written.
-    """
-    from pipeline.evaluation.report import write_report
-
-    predictions, labels, output = Path(predictions), Path(labels), Path(output)
-    pairs, problems = pair_files(predictions, labels)
-    if not pairs and not problems:
-        problems.append(f"{predictions}, {labels}: no prediction/label pairs")
-    log.info("evaluating %d scan(s) from %s against %s", len(pairs), predictions, labels)
-    cases = _read_cases(pairs, problems, lesion_label)
-    if problems and not pairs:
-        raise EvaluationInputError(problems)
-    result = evaluate_cases(cases, cfg, lesion_label=lesion_label, class_labels=class_labels)
-    metrics = result.to_metrics()
-    metrics["settings"].update({"predictions": str(predictions), "labels": str(labels)})
-    write_report(output, result, metrics)
-    return metrics

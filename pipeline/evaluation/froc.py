@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.contracts import OperatingPoint
+
 
 @dataclass(frozen=True)
 class FrocCurve:
@@ -51,24 +53,6 @@ class FrocCurve:
     sensitivity: np.ndarray
     n_lesions: int
     n_scans: int
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """The most sensitive threshold whose FP rate does not exceed ``target_fp_rate``.
-
-    ``precision`` = detected lesions / (detected lesions + false-positive candidates) (lesion level;
-    NaN when both are 0). ``threshold`` keeps candidates with ``score >= threshold``; when even the top
-    score gives too many FPs it is just above the top score (nothing kept), ``inf`` with no candidates.
-    """
-
-    target_fp_rate: float
-    threshold: float
-    fps_per_scan: float
-    sensitivity: float
-    precision: float
-    tp: int
-    fp: int
 
 
 def froc_curve(lesion_scores: np.ndarray, fp_scores: np.ndarray, n_scans: int,
@@ -102,6 +86,31 @@ def froc_curve(lesion_scores: np.ndarray, fp_scores: np.ndarray, n_scans: int,
     with np.errstate(invalid="ignore", divide="ignore"):
         sens = tp / n_lesions if n_lesions else np.full(tp.shape, np.nan)
     return FrocCurve(np.concatenate([[np.inf], thr]), tp, fp, fp / n_scans, sens, n_lesions, n_scans)
+
+
+def froc_corners(curve: FrocCurve) -> np.ndarray:
+    """Indices ``(K',)`` of the curve's corners: every vertex except those strictly inside a run of
+    vertices with equal TP count (horizontal) or equal FP count (vertical).
+
+    A vertex inside such a run lies on the straight segment between its neighbours, so the corners
+    give the same polyline: :func:`interpolate_sensitivity` on them equals the full curve's reading at
+    every FP rate, bit for bit (on a horizontal run the interpolated difference is exactly 0; on a
+    vertical one the last vertex of the run is kept). Why: a noise-only map gives one vertex per false
+    positive (~10^4 per scan) and writing them all dominated the report time. The first (``+inf``) and
+    last vertices are always kept. Counts, not the float rates, decide equality (NaN sensitivity when
+    there are no lesions is one horizontal run).
+
+    Example:
+        >>> c = froc_curve(np.array([0.9, np.nan]), np.array([0.5, 0.4, 0.3]), n_scans=1)
+        >>> c.fp.tolist(), froc_corners(c).tolist()
+        ([0, 0, 1, 2, 3], [0, 1, 4])
+    """
+    tp, fp = np.asarray(curve.tp), np.asarray(curve.fp)
+    k = tp.size
+    if k <= 2:
+        return np.arange(k)
+    inner = ((tp[:-2] == tp[1:-1]) & (tp[1:-1] == tp[2:])) | ((fp[:-2] == fp[1:-1]) & (fp[1:-1] == fp[2:]))
+    return np.flatnonzero(np.r_[True, ~inner, True])
 
 
 def interpolate_sensitivity(fps_per_scan: np.ndarray, sensitivity: np.ndarray,
@@ -147,7 +156,12 @@ def fp_rate_key(rate: float) -> str:
 
 
 def operating_points(curve: FrocCurve, targets: Sequence[float]) -> list[OperatingPoint]:
-    """For each target FP rate, the lowest threshold (most sensitive) with ``fps_per_scan <= target``."""
+    """For each target FP rate, the lowest threshold (most sensitive) with ``fps_per_scan <= target``.
+
+    ``precision`` = detected lesions / (detected lesions + false-positive candidates) (lesion level;
+    NaN when both are 0). ``threshold`` keeps candidates with ``score >= threshold``; when even the top
+    score gives too many FPs it is just above the top score (nothing kept), ``inf`` with no candidates.
+    """
     out = []
     for target in targets:
         j = int(np.searchsorted(curve.fps_per_scan, target * (1 + 1e-12), side="right") - 1)
@@ -156,9 +170,35 @@ def operating_points(curve: FrocCurve, targets: Sequence[float]) -> list[Operati
             thr = float(np.nextafter(curve.thresholds[1], np.inf))
         tp, fp = int(curve.tp[j]), int(curve.fp[j])
         precision = tp / (tp + fp) if tp + fp else float("nan")
-        out.append(OperatingPoint(float(target), thr, float(curve.fps_per_scan[j]),
-                                  float(curve.sensitivity[j]), precision, tp, fp))
+        out.append(OperatingPoint(target_fp_rate=float(target), threshold=thr,
+                                  fps_per_scan=float(curve.fps_per_scan[j]),
+                                  sensitivity=float(curve.sensitivity[j]), precision=precision, tp=tp, fp=fp))
     return out
+
+
+@dataclass(frozen=True)
+class FrocSummary:
+    """What both the evaluation and the training validation report from the pooled scores."""
+
+    curve: FrocCurve
+    fp_rates: tuple[float, ...]
+    sensitivity_at_fp: np.ndarray  # (R,) at ``fp_rates``
+    cpm: float  # mean of ``sensitivity_at_fp``; NaN without lesions
+    operating_points: list[OperatingPoint]  # at ``fp_rates``
+    operating_point: OperatingPoint  # at the operating FP rate
+
+
+def summarize_scores(lesion_scores: np.ndarray, fp_scores: np.ndarray, n_scans: int,
+                     fp_rates: Sequence[float], operating_fp_rate: float) -> FrocSummary:
+    """The FROC curve, the sensitivities and CPM at ``fp_rates`` and the operating points, from every scan's
+    lesion scores ``(M,)`` (NaN: missed) and false-positive scores ``(F,)`` pooled in scan order (pure)."""
+    rates = tuple(float(r) for r in fp_rates)
+    curve = froc_curve(lesion_scores, fp_scores, n_scans=n_scans)
+    sens = sensitivity_at(curve, rates)
+    targets = tuple(sorted(set(rates) | {float(operating_fp_rate)}))
+    ops = operating_points(curve, targets)
+    op = next(o for o in ops if o.target_fp_rate == float(operating_fp_rate))
+    return FrocSummary(curve, rates, sens, float(np.mean(sens)), [o for o in ops if o.target_fp_rate in rates], op)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ component: a noisy map can have tens of thousands of components.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -100,7 +100,6 @@ class CaseMatch:
     pairs: np.ndarray
     pair_iou: np.ndarray
     n_dropped: int = 0
-    meta: dict = field(default_factory=dict)
 
     @property
     def n_lesions(self) -> int:
@@ -129,16 +128,16 @@ class CaseMatch:
 # input conventions
 
 
-def as_affine(spacing_or_affine) -> np.ndarray:
-    """A 4x4 voxel-to-world affine (mm) from one, or from a spacing triple (diagonal, origin 0)."""
-    arr = np.asarray(spacing_or_affine, dtype=np.float64)
-    if arr.shape == (4, 4):
-        return arr
-    if arr.shape == (3,):
-        if np.any(arr <= 0) or not np.all(np.isfinite(arr)):
-            raise ValueError(f"spacing must be three positive numbers (mm), got {arr.tolist()}")
-        return np.diag([*arr, 1.0])
-    raise ValueError(f"expected a spacing (3,) in mm or a 4x4 affine, got shape {arr.shape}")
+def check_affine(affine) -> np.ndarray:
+    """The 4x4 voxel-to-world affine (mm) as float64; anything else (e.g. a bare spacing, which would
+    leave the origin and direction unknown) is refused: build one with :func:`pipeline.io.volume.make_affine`."""
+    arr = np.asarray(affine, dtype=np.float64)
+    if arr.shape != (4, 4):
+        raise ValueError(f"expected a 4x4 voxel-to-world affine (mm), got shape {arr.shape} "
+                         "(for a spacing use pipeline.io.volume.make_affine(spacing_mm))")
+    if not np.all(np.isfinite(arr)) or abs(np.linalg.det(arr[:3, :3])) == 0:
+        raise ValueError(f"the affine must be finite with a non-singular 3x3 part, got {arr.tolist()}")
+    return arr
 
 
 def _is_integral(a: np.ndarray) -> bool:
@@ -271,7 +270,7 @@ def extract_candidates(score_map: np.ndarray, threshold: float, affine, score: s
     Args:
         score_map: ``(X, Y, Z)`` lesion probability, or a boolean lesion mask when ``is_label_map``.
         threshold: static extraction threshold (probability; unused by dynamic and label maps).
-        affine: 4x4 voxel-to-world affine (mm) or a spacing triple (mm).
+        affine: 4x4 voxel-to-world affine (mm).
         score: ``"max"`` or ``"mean"`` probability over the component's voxels (static only).
         is_label_map: every component of the mask is a candidate with score 1.0 (either mode).
         dynamic: the peak-relative extraction's parameters, or None for static.
@@ -279,7 +278,7 @@ def extract_candidates(score_map: np.ndarray, threshold: float, affine, score: s
     Returns:
         (label image ``(X, Y, Z)`` with ids 1..N, :class:`ComponentTable` of N candidates)
     """
-    affine = as_affine(affine)
+    affine = check_affine(affine)
     if is_label_map:
         mask = np.asarray(score_map, dtype=bool)
         labels, n, idx, lab = _connected(mask)
@@ -301,7 +300,7 @@ def extract_candidates(score_map: np.ndarray, threshold: float, affine, score: s
 
 def extract_lesions(lesion_mask: np.ndarray, affine) -> tuple[np.ndarray, ComponentTable]:
     """GT lesions: 26-connected components of a boolean lesion mask ``(X, Y, Z)``."""
-    affine = as_affine(affine)
+    affine = check_affine(affine)
     labels, n, idx, lab = _connected(lesion_mask)
     return labels, _component_table(lesion_mask.shape, n, idx, lab, affine)
 
@@ -411,7 +410,7 @@ def match_case(scan: str, score_map: np.ndarray, lesion_mask: np.ndarray, affine
         score_map: ``(X, Y, Z)`` lesion probability, or a boolean lesion mask if ``is_label_map``
             (use :func:`lesion_score_map` to apply the input conventions).
         lesion_mask: ``(X, Y, Z)`` boolean GT lesion mask (:func:`lesion_mask_from_labels`).
-        affine: 4x4 voxel-to-world affine (mm) or a spacing triple (mm).
+        affine: 4x4 voxel-to-world affine (mm).
         extraction_threshold, score, hit_criterion, iou_threshold: see the module docstring.
         max_candidates: keep at most this many candidates (highest scores), warn when exceeded.
         dynamic: peak-relative extraction parameters (None: static at ``extraction_threshold``).
@@ -419,7 +418,7 @@ def match_case(scan: str, score_map: np.ndarray, lesion_mask: np.ndarray, affine
     Returns:
         :class:`CaseMatch`.
     """
-    affine = as_affine(affine)
+    affine = check_affine(affine)
     if score_map.shape != lesion_mask.shape:
         raise ValueError(f"{scan}: prediction shape {score_map.shape} != label shape {lesion_mask.shape}")
     cand_labels, cands = extract_candidates(score_map, extraction_threshold, affine, score, is_label_map,

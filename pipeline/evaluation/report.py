@@ -1,7 +1,10 @@
 """Evaluation outputs, each written atomically: ``metrics.json``, ``froc.csv``, ``lesions.csv``, ``froc.png``.
 
-* ``froc.csv``: ``threshold,fps_per_scan,sensitivity``, one row per FROC vertex (first row threshold
-  ``inf``), for ``dvc plots``.
+* ``froc.csv``: ``threshold,fps_per_scan,sensitivity``, one row per corner of the FROC polyline (first
+  row threshold ``inf``), for ``dvc plots``: vertices inside a run of equal sensitivity or equal FP
+  count lie on the segment between their neighbours and are left out
+  (:func:`pipeline.evaluation.froc.froc_corners`), so reading the file by linear interpolation gives
+  the full curve's values exactly.
 * ``lesions.csv``: one row per GT lesion (``kind=lesion``; outcome ``hit`` / ``missed``; ``matched_id``
   = the best hitting candidate) and per kept candidate (``kind=candidate``; outcome ``tp`` / ``fp`` /
   ``ignored``; ``matched_id`` = the lesions it hits, ``;``-separated). Centroids are world (RAS) mm,
@@ -10,12 +13,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.evaluation.froc import size_bucket, size_bucket_names
+from pipeline.evaluation.froc import froc_corners, size_bucket, size_bucket_names
+from pipeline.evaluation.froc_plot import froc_figure
 from pipeline.evaluation.lesions import CANDIDATE_OUTCOMES, CaseMatch
 from pipeline.io.atomic import atomic_path, write_json, write_text
 
@@ -27,117 +33,130 @@ LESION_COLUMNS = ["scan", "kind", "id", "centroid_x_mm", "centroid_y_mm", "centr
 
 
 def froc_csv_text(result: EvaluationResult) -> str:
-    """``threshold,fps_per_scan,sensitivity`` rows of the FROC curve."""
+    """``threshold,fps_per_scan,sensitivity`` rows at the FROC curve's corners (:func:`froc_corners`).
+
+    Each value as ``repr`` (the shortest text that reads back to the same float), so the file is exact.
+    """
     c = result.curve
-    lines = ["threshold,fps_per_scan,sensitivity"]
-    lines += [f"{t!r},{f!r},{s!r}" for t, f, s in
-              zip(c.thresholds.tolist(), c.fps_per_scan.tolist(), c.sensitivity.tolist())]
-    return "\n".join(lines) + "\n"
+    keep = froc_corners(c)
+    cols = [repr(a[keep].tolist())[1:-1].split(", ") if keep.size else []
+            for a in (c.thresholds, c.fps_per_scan, c.sensitivity)]
+    return "\n".join(["threshold,fps_per_scan,sensitivity", *map(",".join, zip(*cols))]) + "\n"
 
 
-def _case_rows(case: CaseMatch, edges: tuple[float, ...]) -> dict[str, np.ndarray]:
+Column = np.ndarray | tuple[list[str], np.ndarray]  # values, or (texts, (R,) index into texts)
+
+
+def _case_rows(case: CaseMatch, edges: tuple[float, ...]) -> dict[str, Column]:
+    """The ``lesions.csv`` columns of one scan (lesion rows, then candidate rows): numbers as arrays,
+    text as ``(texts, codes)`` so that each distinct text is handled once (10^4 candidate rows hold a
+    handful of distinct texts)."""
     les, cand = case.lesions, case.candidates
     m, n = len(les), len(cand)
-    names = np.asarray(size_bucket_names(edges))
+    # only the few hitting pairs need Python; every candidate-long column is built by array indexing
     hits_of: dict[int, list[str]] = {}
     for c, g in case.pairs.tolist():
         hits_of.setdefault(c, []).append(str(g))
     cand_iou = np.zeros(n)
-    for (c, _g), v in zip(case.pairs.tolist(), case.pair_iou.tolist()):
-        cand_iou[c - 1] = max(cand_iou[c - 1], v)
-    lesion_matched = np.where(case.lesion_match > 0, case.lesion_match.astype(str), "")
-    cand_outcome = np.array([CANDIDATE_OUTCOMES[int(o)] for o in case.candidate_outcome], dtype=object)
+    if case.pairs.size:
+        np.maximum.at(cand_iou, case.pairs[:, 0] - 1, case.pair_iou)
+    matched = [""] + [str(g) for g in case.lesion_match[case.lesion_match > 0].tolist()]
+    matched_code = np.zeros(m + n, np.intp)
+    matched_code[np.flatnonzero(case.lesion_match > 0)] = np.arange(1, len(matched))
+    for c, gs in hits_of.items():
+        matched_code[m + c - 1] = len(matched)
+        matched.append(";".join(gs))
+    outcomes = ["hit", "missed"] + [CANDIDATE_OUTCOMES[k] for k in sorted(CANDIDATE_OUTCOMES)]
+    diameter = np.r_[les.diameter_mm, cand.diameter_mm]
     return {
-        "scan": np.full(m + n, case.scan, dtype=object),
-        "kind": np.array(["lesion"] * m + ["candidate"] * n, dtype=object),
-        "id": np.r_[np.arange(1, m + 1), np.arange(1, n + 1)],
+        "scan": ([case.scan], np.zeros(m + n, np.intp)),
+        "kind": (["lesion", "candidate"], np.repeat(np.array([0, 1], np.intp), [m, n])),
+        "id": (_id_texts(max(m, n)), np.r_[np.arange(1, m + 1), np.arange(1, n + 1)]),
         "centroid_x_mm": np.r_[les.centroid_mm[:, 0], cand.centroid_mm[:, 0]],
         "centroid_y_mm": np.r_[les.centroid_mm[:, 1], cand.centroid_mm[:, 1]],
         "centroid_z_mm": np.r_[les.centroid_mm[:, 2], cand.centroid_mm[:, 2]],
         "voxels": np.r_[les.voxels, cand.voxels],
         "volume_mm3": np.r_[les.volume_mm3, cand.volume_mm3],
-        "diameter_mm": np.r_[les.diameter_mm, cand.diameter_mm],
+        "diameter_mm": diameter,
         "score": np.r_[case.lesion_score, cand.score],
-        "outcome": np.r_[np.where(np.isnan(case.lesion_score), "missed", "hit").astype(object),
-                         cand_outcome],
-        "matched_id": np.r_[lesion_matched.astype(object),
-                            np.array([";".join(hits_of.get(i, [])) for i in range(1, n + 1)], dtype=object)],
+        "outcome": (outcomes, np.r_[np.isnan(case.lesion_score).astype(np.intp),
+                                    2 + np.asarray(case.candidate_outcome, dtype=np.intp)]),
+        "matched_id": (matched, matched_code),
         "iou": np.r_[case.lesion_iou, cand_iou],
-        "size_bucket": names[size_bucket(np.r_[les.diameter_mm, cand.diameter_mm], edges)],
+        "size_bucket": (size_bucket_names(edges), size_bucket(diameter, edges)),
     }
 
 
-def _csv_column(values: np.ndarray) -> list[str]:
-    """Cells of one column as pandas' ``to_csv(float_format="%.6g")`` writes them (NaN -> empty)."""
+_ID_TEXTS: list[str] = ["0"]
+
+
+def _id_texts(n: int) -> list[str]:
+    """``["0", "1", ..., str(n)]``, kept between calls: every scan numbers its rows from 1 again."""
+    if len(_ID_TEXTS) <= n:
+        _ID_TEXTS.extend(map(str, range(len(_ID_TEXTS), n + 1)))
+    return _ID_TEXTS
+
+
+def _csv_field(text: str) -> str:
+    """One field exactly as ``csv.writer`` (QUOTE_MINIMAL, ``\\n`` line ends) writes it in a row (quoted
+    when it holds a comma, a quote or a line break); asked of the writer itself, once per distinct text."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([text, ""])  # two fields: a lone "" would be quoted
+    return buf.getvalue()[:-2]
+
+
+def _csv_column(values: Column) -> list[str]:
+    """Cells of one column as ``csv.writer`` writes pandas' ``to_csv(float_format="%.6g")`` cells:
+    floats ``%.6g`` (NaN -> empty), ints via ``str``, text ``(texts, codes)`` via :func:`_csv_field`.
+
+    Each distinct value is formatted once and the cells are gathered by index: a noisy scan's 10^4
+    candidate rows repeat few centroid, size and IoU values, and ``%`` formatting (~0.2 us a cell) was
+    most of the report's time. Floats are told apart by their bits, so ``-0.0`` keeps its ``-0``.
+    """
+    if isinstance(values, tuple):
+        texts, codes = values
+        if texts is not _ID_TEXTS:  # row ids are digits: nothing to quote
+            texts = [_csv_field(str(t)) for t in texts]
+        return np.asarray(texts, dtype=object)[np.asarray(codes, np.intp).reshape(-1)].tolist()
+    values = np.asarray(values)
     if values.dtype.kind == "f":
-        return ["%.6g" % v if v == v else "" for v in values.tolist()]
-    return [str(v) for v in values.tolist()]
+        bits, inv = np.unique(values.astype(np.float64).view(np.int64), return_inverse=True)
+        cells = ["%.6g" % v if v == v else "" for v in bits.view(np.float64).tolist()]
+    elif values.dtype.kind in "iub":
+        uniq, inv = np.unique(values, return_inverse=True)
+        cells = [str(v) for v in uniq.tolist()]
+    else:
+        uniq, inv = np.unique(values.astype(str), return_inverse=True)
+        cells = [_csv_field(v) for v in uniq.tolist()]
+    return np.asarray(cells, dtype=object)[np.asarray(inv, np.intp).reshape(-1)].tolist()
 
 
 def write_lesions_csv(path: Path, cases: list[CaseMatch], size_buckets_mm: tuple[float, ...]) -> None:
     """One row per GT lesion and per candidate (see the module docstring).
 
-    Written with the ``csv`` module from whole columns: a noisy map can give 10^5 rows, where
-    pandas' per-cell float formatter took ~15 us per row.
+    The same bytes as ``csv.writer`` over :func:`_csv_column` cells, joined column-wise instead: a noisy
+    map gives 10^5 rows, where pandas' per-cell float formatter took ~15 us a row and ``csv.writer``
+    ~1 us.
     """
-    import csv
-
     edges = tuple(size_buckets_mm)
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(LESION_COLUMNS)
+        fh.write(",".join(map(_csv_field, LESION_COLUMNS)) + "\n")
         for case in cases:
             rows = _case_rows(case, edges)
-            writer.writerows(zip(*(_csv_column(np.asarray(rows[c])) for c in LESION_COLUMNS)))
+            if rows["id"][1].size:
+                fh.write("\n".join(map(",".join, zip(*(_csv_column(rows[c]) for c in LESION_COLUMNS)))) + "\n")
 
 
-def style_froc_axes(ax, rates, lo_x: float, hi_x: float, title: str) -> None:
-    """The FROC axes shared by the stage's PNG and the notebook: log2 FP axis ticked at the CPM rates."""
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(lo_x, hi_x)
-    ax.set_ylim(0, 1.02)
-    ax.set_xticks(rates)
-    ax.set_xticklabels([f"{r:g}" for r in rates])
-    ax.set_xlabel("average false positives per scan")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(title)
-    ax.grid(True, which="major", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8)
-
-
-def plot_froc(path: Path, result: EvaluationResult) -> None:
-    """FROC curve (log FP axis) with the bootstrap 95% band, the CPM FP rates and the operating points."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    c = result.curve
-    rates = np.asarray(result.fp_rates)
-    lo_x, hi_x = rates[0] / 2, rates[-1] * 2
-    fig = Figure(figsize=(6, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if c.n_lesions:
-        # draw the polyline read by interpolation, clipped to the axis range and extended flat at the end
-        x = np.r_[c.fps_per_scan, max(hi_x, float(c.fps_per_scan[-1]))]
-        y = np.r_[c.sensitivity, c.sensitivity[-1]]
-        ax.plot(np.maximum(x, lo_x), y, color="C0", lw=1.8, label=f"FROC (CPM {result.cpm:.3f})")
-        if result.bootstrap is not None and result.bootstrap.grid_fps.size:
-            _, _, band = result.bootstrap.ci95()
-            if np.isfinite(band).any():
-                ax.fill_between(result.bootstrap.grid_fps, band[:, 0], band[:, 1], color="C0", alpha=0.2,
-                                lw=0, label="95% CI (bootstrap)")
-        ax.plot(rates, result.sensitivity_at_fp, "o", color="C0", ms=4)
-        ops = result.operating_points
-        ax.plot([max(o.fps_per_scan, lo_x) for o in ops], [o.sensitivity for o in ops], "s", mfc="none",
-                color="C3", ms=6, label="operating points")
-        op = result.operating_point
-        ax.plot([max(op.fps_per_scan, lo_x)], [op.sensitivity], "*", color="C3", ms=11,
-                label=f"chosen: {op.target_fp_rate:g} FP/scan, t={op.threshold:.3g}")
-    else:
-        ax.text(0.5, 0.5, "no lesions in the labels", ha="center", va="center", transform=ax.transAxes)
-    style_froc_axes(ax, rates, lo_x, hi_x, f"{c.n_lesions} lesions, {c.n_scans} scans")
-    fig.tight_layout()
+def plot_froc(path: Path, result: EvaluationResult, metrics: dict[str, Any] | None = None) -> None:
+    """``froc.png``: :func:`pipeline.evaluation.froc_plot.froc_figure` with the bootstrap band."""
+    c, boot = result.curve, result.bootstrap
+    band = None
+    if boot is not None and boot.grid_fps.size:
+        _, _, ci = boot.ci95()
+        band = (boot.grid_fps, ci[:, 0], ci[:, 1])
+    k = froc_corners(c)  # froc.csv's rows: the same polyline, without ~10^4 collinear vertices per noisy scan
+    fig = froc_figure(c.fps_per_scan[k], c.sensitivity[k], metrics if metrics is not None else result.to_metrics(),
+                      band, figsize=(6, 4.5), dpi=120)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
 
@@ -148,8 +167,9 @@ def write_report(output: Path, result: EvaluationResult, metrics: dict[str, Any]
     output.mkdir(parents=True, exist_ok=True)
     write_text(output / "froc.csv", froc_csv_text(result))
     write_lesions_csv(output / "lesions.csv", result.cases, tuple(result.settings.get("size_buckets_mm", ())))
-    plot_froc(output / "froc.png", result)
-    write_json(output / "metrics.json", metrics if metrics is not None else result.to_metrics())
+    metrics = metrics if metrics is not None else result.to_metrics()
+    plot_froc(output / "froc.png", result, metrics)
+    write_json(output / "metrics.json", metrics)
 
 
 def plot_extraction(path: Path, prob: np.ndarray, lesion_mask: np.ndarray, z: int, static_threshold: float,
@@ -177,9 +197,9 @@ def plot_extraction(path: Path, prob: np.ndarray, lesion_mask: np.ndarray, z: in
     axes[0].contour(lesion_mask[:, :, z].T, levels=[0.5], colors="w", linewidths=1)
     axes[0].set_title("probability, lesions (white)")
     for ax, dyn, title in zip(axes[1:], (None, dynamic), titles):
-        m = match_case("example", prob, lesion_mask, (1.0, 1.0, 1.0), extraction_threshold=static_threshold,
+        m = match_case("example", prob, lesion_mask, np.eye(4), extraction_threshold=static_threshold,
                        dynamic=dyn)
-        labels, _ = extract_candidates(prob, static_threshold, (1.0, 1.0, 1.0), dynamic=dyn)
+        labels, _ = extract_candidates(prob, static_threshold, np.eye(4), dynamic=dyn)
         shown = np.ma.masked_equal(labels[:, :, z].T, 0)
         ax.imshow(prob[:, :, z].T, cmap="gray", vmin=0, vmax=1, origin="lower")
         ax.imshow(shown, cmap="tab10", vmin=0.5, vmax=10.5, alpha=0.6, origin="lower", interpolation="nearest")

@@ -7,7 +7,8 @@ label map are then computed from the mean exactly as for one model. The members 
 preprocessing plan (the scan is preprocessed once) and the probability model (softmax / sigmoid).
 
 The label map needs one operating threshold; each member brings the one chosen on its own validation
-scans, and the ensemble uses their mean (members without a threshold are left out; none: no threshold).
+scans, and the ensemble uses their mean (members without a finite threshold are left out; none: no
+threshold).
 Lesion-candidate settings (``evaluation``) are the first member's.
 """
 
@@ -16,28 +17,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.config import Config, InferenceConfig
-from pipeline.inference.predict import LoadedModel, load_model
-from pipeline.training.checkpoint import CheckpointError
+from pipeline.contracts import OperatingPoint, Plan
+from pipeline.inference.loaded_model import LoadedModel, load_model
+from pipeline.model.checkpoint import CheckpointError
 
 
-def mean_operating_point(points: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """``{"threshold": mean of the finite member thresholds, "members": how many}``; None if none has one."""
-    thresholds = [float(p["threshold"]) for p in points
-                  if p and p.get("threshold") is not None and np.isfinite(p["threshold"])]
-    if not thresholds:
+def mean_operating_point(points: Sequence[OperatingPoint | None]) -> OperatingPoint | None:
+    """The members' operating points averaged over those with a finite threshold: mean threshold, FP rate
+    and sensitivity (the target FP rate is the first such member's); None if no member has one."""
+    kept = [p for p in points if p is not None and np.isfinite(p.threshold)]
+    if not kept:
         return None
-    return {"threshold": float(np.mean(thresholds)), "members": len(thresholds)}
+    return OperatingPoint(target_fp_rate=kept[0].target_fp_rate,
+                          threshold=float(np.mean([p.threshold for p in kept])),
+                          fps_per_scan=float(np.mean([p.fps_per_scan for p in kept])),
+                          sensitivity=float(np.mean([p.sensitivity for p in kept])))
 
 
 @dataclass
 class ModelEnsemble:
-    """Checkpoints predicting together; duck-types :class:`~pipeline.inference.predict.LoadedModel` for
+    """Checkpoints predicting together; duck-types :class:`~pipeline.inference.loaded_model.LoadedModel` for
     :func:`~pipeline.inference.predict.predict_volume` (``cfg``, ``plan``, ``operating_point``,
     ``lesion_labels``, ``probabilities``)."""
 
@@ -49,7 +53,7 @@ class ModelEnsemble:
         return self.members[0].cfg
 
     @property
-    def plan(self) -> dict[str, Any]:
+    def plan(self) -> Plan:
         return self.members[0].plan
 
     @property
@@ -65,7 +69,7 @@ class ModelEnsemble:
         return self.members[0].patch_size
 
     @property
-    def operating_point(self) -> dict[str, Any] | None:
+    def operating_point(self) -> OperatingPoint | None:
         return mean_operating_point([m.operating_point for m in self.members])
 
     def probabilities(self, image: torch.Tensor, inference: InferenceConfig, progress: bool = False) -> torch.Tensor:
@@ -85,7 +89,7 @@ def check_compatible(members: Sequence[LoadedModel], paths: Sequence[Path]) -> N
     for member, path in zip(members[1:], paths[1:], strict=True):
         problems = []
         if member.plan != first.plan:
-            keys = sorted(k for k in set(member.plan) | set(first.plan) if member.plan.get(k) != first.plan.get(k))
+            keys = member.plan.differing_keys(first.plan)
             problems.append(f"preprocessing plans differ ({', '.join(keys)})")
         if member.cfg.preprocess != first.cfg.preprocess:
             problems.append("preprocess settings differ")
@@ -96,7 +100,7 @@ def check_compatible(members: Sequence[LoadedModel], paths: Sequence[Path]) -> N
 
 
 def load_ensemble(paths: Sequence[str | Path], device: str = "auto") -> ModelEnsemble:
-    """Load every checkpoint (see :func:`~pipeline.inference.predict.load_model`) and check they fit."""
+    """Load every checkpoint (see :func:`~pipeline.inference.loaded_model.load_model`) and check they fit."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("an ensemble needs at least one checkpoint")

@@ -49,7 +49,7 @@ def candidate_label_map(class_probs: np.ndarray, lesion_prob: np.ndarray, lesion
     other[lesion_labels] = -np.inf
     labels = np.ascontiguousarray(other.argmax(0).astype(np.uint8))
     cand, table = extract_candidates(np.ascontiguousarray(lesion_prob, dtype=np.float32),
-                                     evaluation.extraction_threshold, (1.0, 1.0, 1.0), evaluation.score,
+                                     evaluation.extraction_threshold, np.eye(4), evaluation.score,  # voxel units
                                      dynamic=extraction_params(evaluation))
     n = len(table)
     if n == 0:

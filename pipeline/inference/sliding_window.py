@@ -13,13 +13,8 @@ import torch
 from torch import nn
 
 from pipeline.config import InferenceConfig
+from pipeline.losses.probability import probabilities
 from pipeline.model.factory import main_output
-
-
-def logits_to_probabilities(logits: torch.Tensor, mode: str) -> torch.Tensor:
-    """(N, K, ...) logits -> per-class probabilities: softmax over K, or a sigmoid per channel."""
-    logits = logits.float()
-    return torch.softmax(logits, dim=1) if mode == "softmax" else torch.sigmoid(logits)
 
 
 def lesion_probability(probs: torch.Tensor, lesion_labels, mode: str) -> torch.Tensor:
@@ -62,7 +57,7 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, patch_size, cfg
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with _autocast(device, cfg.amp):
-            return logits_to_probabilities(main_output(model(x)), mode)
+            return probabilities(main_output(model(x)).float(), mode)  # float32 even from AMP logits
 
     flips = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if cfg.tta_mirror else [])
     batch = image[None].to(device)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pipeline.config import DEFAULT_PARAMS, Config, load_config
+from pipeline.contracts import OperatingPoint
 from pipeline.inspection import table as T
 from pipeline.inspection import views
 from pipeline.inspection.scans import ScanLoader, lesion_gallery, lesion_view
@@ -108,11 +109,10 @@ class RunOutputs:
             lo_hi = sens_ci.get(rate)
             items[f"sensitivity at {rate} FP/scan"] = (f"{value:.3f} ({lo_hi[0]:.3f}-{lo_hi[1]:.3f})"
                                                       if lo_hi else value)
-        op = m.get("operating_point") or {}
-        if op:
-            items["operating point"] = (f"{op.get('target_fp_rate'):g} FP/scan: threshold "
-                                        f"{op.get('threshold')}, sensitivity {op.get('sensitivity'):.3f}, "
-                                        f"{op.get('fps_per_scan'):.3f} FP/scan")
+        if m.get("operating_point"):
+            op = OperatingPoint.from_dict(m["operating_point"], "metrics.json: operating_point")
+            items["operating point"] = (f"{op.target_fp_rate:g} FP/scan: threshold {op.score_threshold}, "
+                                        f"sensitivity {op.sensitivity:.3f}, {op.fps_per_scan:.3f} FP/scan")
         for name, value in (m.get("dice") or {}).items():
             items[f"Dice {name}"] = value
         return pd.DataFrame({"value": pd.Series(items, dtype=object)})
@@ -188,6 +188,7 @@ def _check_files(folder: Path, where: str) -> None:
 def _mlflow_outputs(cfg: Config, workdir: Path, run_id: str) -> tuple[Path, str, list[str]]:
     """Download the evaluate run's ``evaluation/`` artifacts; returns (folder, evaluate run id, warnings)."""
     from pipeline.tracking import RunNotFound, download_run_artifacts, get_run, latest_run
+    from pipeline.tracking.pipeline_run import run_ref_path
 
     if run_id == "latest":
         info = latest_run(cfg.tracking, "evaluate", workdir=workdir)
@@ -206,7 +207,7 @@ def _mlflow_outputs(cfg: Config, workdir: Path, run_id: str) -> tuple[Path, str,
     dst = Path(tempfile.mkdtemp(prefix=f"inspect-{eval_id[:8]}-"))
     folder = download_run_artifacts(eval_id, dst, cfg.tracking, "evaluation", workdir=workdir)
     warnings = []
-    ref_path = Path(cfg.paths.models) / "mlflow_run.json"
+    ref_path = run_ref_path(cfg.paths.models)
     train_id = info["tags"].get("train_run_id")
     if ref_path.is_file():
         workspace_train = json.loads(ref_path.read_text()).get("run_id")

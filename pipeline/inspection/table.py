@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.contracts import OperatingPoint
+
 TABLE_COLUMNS = ["scan", "kind", "id", "diameter_mm", "volume_mm3", "score", "at_operating_point", "iou",
                  "size_bucket", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "voxels", "matched_id"]
 KIND_ORDER = ("missed", "TP", "FP", "TP candidate", "ignored")
@@ -31,10 +33,12 @@ _KIND = {("lesion", "hit"): "TP", ("lesion", "missed"): "missed", ("candidate", 
 
 
 def operating_threshold(metrics: Mapping[str, Any] | None) -> float | None:
-    """The chosen operating point's score threshold from ``metrics.json`` (None: none is reachable)."""
-    op = (metrics or {}).get("operating_point") or {}
-    thr = op.get("threshold")
-    return None if thr is None else float(thr)
+    """The chosen operating point's score threshold from ``metrics.json`` (None: no operating point, or no
+    candidate at all when it was chosen)."""
+    data = (metrics or {}).get("operating_point")
+    if not data:
+        return None
+    return OperatingPoint.from_dict(data, "metrics.json: operating_point").score_threshold
 
 
 def lesion_table(lesions: pd.DataFrame, threshold: float | None = None,

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.evaluation.report import style_froc_axes
+from pipeline.evaluation.froc_plot import froc_figure as draw_froc
+from pipeline.evaluation.froc_plot import rate_band
 from pipeline.io.volume import Volume
 
 if TYPE_CHECKING:
@@ -436,50 +437,9 @@ def gallery(tiles: Sequence[Tile], *, title: str = "", ncols: int = 6,
 # ------------------------------------------------------------------------------------------------ FROC
 
 
-def _rate_items(d: Mapping[str, Any] | None) -> list[tuple[float, Any]]:
-    return sorted(((float(k), v) for k, v in (d or {}).items()), key=lambda kv: kv[0])
-
-
 def froc_figure(froc: pd.DataFrame, metrics: Mapping[str, Any]) -> Figure:
-    """FROC curve (log FP axis) with the bootstrap 95% band, the CPM points and the operating points.
-
-    Drawn from the stage outputs, as :func:`pipeline.evaluation.report.plot_froc` draws them from an
-    evaluation result: ``froc`` is ``froc.csv`` (``threshold, fps_per_scan, sensitivity``), ``metrics``
-    ``metrics.json``. The band joins the per-rate intervals ``sensitivity_at_fp_ci95`` (the per-rate
-    bootstrap intervals are all the JSON keeps).
-    """
-    fig = _new_figure((6.4, 4.6), dpi=110)
-    ax = fig.add_subplot(label="froc")
-    sens_items = _rate_items(metrics.get("sensitivity_at_fp"))
-    default_rates = metrics.get("settings", {}).get("fp_rates", [0.125, 8.0])
-    rates = np.array([r for r, _ in sens_items] or default_rates, float)
-    lo_x, hi_x = rates[0] / 2, rates[-1] * 2
-    n_les = int(metrics.get("lesions_total") or 0)
-    if n_les and len(froc):
-        fps = froc["fps_per_scan"].to_numpy(float)
-        sens = froc["sensitivity"].to_numpy(float)
-        x = np.r_[fps, max(hi_x, float(fps[-1]))]
-        y = np.r_[sens, sens[-1]]
-        cpm = metrics.get("cpm")
-        ci = metrics.get("cpm_ci95")
-        lab = f"FROC (CPM {cpm:.3f}" + (f", 95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ")")
-        ax.plot(np.maximum(x, lo_x), y, color="C0", lw=1.8, label=lab)
-        band = _rate_items(metrics.get("sensitivity_at_fp_ci95"))
-        if band and all(v is not None for _, v in band):
-            ax.fill_between([r for r, _ in band], [v[0] for _, v in band], [v[1] for _, v in band],
-                            color="C0", alpha=0.2, lw=0, label="95% CI (bootstrap, per FP rate)")
-        ax.plot(rates, [v for _, v in sens_items], "o", color="C0", ms=4)
-        ops = metrics.get("operating_points") or []
-        ax.plot([max(o["fps_per_scan"], lo_x) for o in ops], [o["sensitivity"] for o in ops], "s", mfc="none",
-                color="C3", ms=6, label="operating points")
-        op = metrics.get("operating_point")
-        if op:
-            thr = op.get("threshold")
-            thr_text = f"t={thr:.3g}" if thr is not None else "no threshold reaches it"
-            ax.plot([max(op["fps_per_scan"], lo_x)], [op["sensitivity"]], "*", color="C3", ms=11,
-                    label=f"chosen: {op['target_fp_rate']:g} FP/scan, {thr_text}")
-    else:
-        ax.text(0.5, 0.5, "no lesions in the labels", ha="center", va="center", transform=ax.transAxes)
-    style_froc_axes(ax, rates, lo_x, hi_x, f"{n_les} lesions, {metrics.get('scans_total', '?')} scans")
-    fig.tight_layout()
-    return fig
+    """The stage's FROC picture (:func:`pipeline.evaluation.froc_plot.froc_figure`) redrawn from its files:
+    ``froc`` is ``froc.csv`` (``fps_per_scan``, ``sensitivity``), ``metrics`` ``metrics.json``; the band
+    joins the per-rate bootstrap intervals ``sensitivity_at_fp_ci95`` (all the JSON keeps)."""
+    return draw_froc(froc["fps_per_scan"].to_numpy(float), froc["sensitivity"].to_numpy(float), metrics,
+                     rate_band(metrics))

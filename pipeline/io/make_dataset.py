@@ -79,7 +79,8 @@ def make_dataset(images: list[str], labels: str, output: Path, channel_names: li
 
     all_files = [os.path.abspath(f) for cmap in channel_maps for f in cmap.values()] + \
                 [os.path.abspath(f) for f in label_map.values()]
-    root_dir = Path(os.path.abspath(root)) if root else Path(os.path.commonpath([os.path.dirname(f) for f in all_files]))
+    common = os.path.commonpath([os.path.dirname(f) for f in all_files])
+    root_dir = Path(os.path.abspath(root)) if root else Path(common)
     output = Path(output)
     rel = lambda f: os.path.relpath(os.path.abspath(f), root_dir)  # noqa: E731
     training, test = [], []

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.io.dataset import Case, Dataset, remap_labels
+from pipeline.config import DataConfig
+from pipeline.io.dataset import Case, Dataset, load_dataset, remap_labels
 from pipeline.io.formats import VolumeReadError, read_volume
 from pipeline.io.volume import Volume, grid_mismatch
 
@@ -111,3 +113,13 @@ def check_dataset(ds: Dataset, remap: dict[int, int] | None = None, lesion_label
         raise DataValidationError(problems)
     log.info("data set %s: %d training and %d test cases are valid", ds.name, len(ds.training), len(ds.test))
     return summaries
+
+
+def validated_dataset(data_cfg: DataConfig, raw_dir: str | Path,
+                      progress: bool = True) -> tuple[Dataset, dict[str, bool]]:
+    """Load the configured data set (``data`` section, raw folder ``raw_dir``) and validate every case;
+    returns it and ``{case_id: has_lesion}`` (any of ``data.lesion_labels`` present)."""
+    ds = load_dataset(data_cfg, raw_dir)
+    summaries = check_dataset(ds, data_cfg.label_remap, data_cfg.lesion_labels, progress=progress)
+    lesion = set(data_cfg.lesion_labels)
+    return ds, {s.case_id: bool(lesion & set(s.label_values)) for s in summaries}

@@ -67,9 +67,6 @@ class Volume:
             raise ValueError(f"with_data: spatial shape {data.shape[1:]} != {self.shape}")
         return Volume(np.ascontiguousarray(data), self.affine)
 
-    def channel(self, index: int) -> np.ndarray:
-        return self.data[index]
-
     def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
         """Voxel indices ``(..., 3)`` -> RAS world coordinates in mm ``(..., 3)``."""
         ijk = np.asarray(ijk, dtype=np.float64)

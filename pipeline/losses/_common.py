@@ -15,15 +15,12 @@ import contextlib
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+
+from pipeline.losses.probability import MODES, check_mode, one_hot, probabilities
 
 Mode = Literal["sigmoid", "softmax"]
-MODES: tuple[str, ...] = ("sigmoid", "softmax")
-
-
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+__all__ = ["MODES", "Mode", "as_one_hot", "check_mode", "compute_dtype", "foreground_mask", "no_autocast",
+           "probabilities"]
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -51,7 +48,7 @@ def as_one_hot(target: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype) -
 
     Raises:
         ValueError: the shapes fit neither layout.
-        RuntimeError: a label is outside ``[0, C)`` (raised by ``F.one_hot``).
+        RuntimeError: a label is outside ``[0, C)`` (raised by ``scatter_``).
     """
     n_classes = logits.shape[1]
     if target.ndim != logits.ndim or target.shape[0] != logits.shape[0] or target.shape[2:] != logits.shape[2:]:
@@ -63,8 +60,7 @@ def as_one_hot(target: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype) -
         return target.to(dtype=dtype)
     if target.shape[1] != 1:
         raise ValueError(f"target has {target.shape[1]} channels; expected {n_classes} (one-hot) or 1 (labels)")
-    labels = target[:, 0].long()
-    return F.one_hot(labels, n_classes).movedim(-1, 1).to(dtype=dtype)
+    return one_hot(target, n_classes, dtype)
 
 
 def foreground_mask(one_hot: torch.Tensor) -> torch.Tensor:
@@ -77,9 +73,3 @@ def foreground_mask(one_hot: torch.Tensor) -> torch.Tensor:
     if one_hot.shape[1] == 1:
         return one_hot[:, 0] >= 0.5
     return one_hot[:, 0] < 0.5
-
-
-def probabilities(logits: torch.Tensor, mode: str) -> torch.Tensor:
-    """The probability model shared by focal and Dice: ``softmax`` over C, or ``sigmoid`` per channel."""
-    check_mode(mode)
-    return torch.softmax(logits, dim=1) if mode == "softmax" else torch.sigmoid(logits)

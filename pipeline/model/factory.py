@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.contracts import NetworkPlan
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +40,26 @@ def stage_filters(base_filters: int, max_filters: int, n_stages: int) -> list[in
     return [min(base_filters * 2**i, max_filters) for i in range(n_stages)]
 
 
-def network_layout(model_cfg: ModelConfig, plan: dict[str, Any]) -> dict[str, list]:
+def network_layout(model_cfg: ModelConfig, network: NetworkPlan | dict[str, Any]) -> dict[str, list]:
     """Strides, kernel sizes and filters per stage, truncated to ``model_cfg.depth`` when set.
+
+    Args:
+        model_cfg: ``train.model``.
+        network: the plan's ``network`` part (:class:`~pipeline.contracts.NetworkPlan`, or its JSON dict).
 
     Filters: the config's ``base_filters`` / ``max_filters`` when set, else the plan's ``network.filters``
     (a plan without them falls back to nnU-Net's 32..320).
     """
-    net = plan["network"]
-    strides = [list(s) for s in net["strides"]]
-    kernels = [list(k) for k in net["kernel_sizes"]]
+    net = NetworkPlan.from_dict(network, "plan.network")
+    strides = [list(s) for s in net.strides]
+    kernels = [list(k) for k in net.kernel_sizes]
     depth = model_cfg.depth or len(strides)
     if depth > len(strides):
         raise ValueError(f"train.model.depth={depth} exceeds the {len(strides)} levels the plan's patch size allows")
     if strides[0] != [1, 1, 1]:
         raise ValueError(f"the plan's first stage has stride {strides[0]}; it must be [1, 1, 1] (full resolution)")
     strides, kernels = strides[:depth], kernels[:depth]
-    planned = list(net.get("filters") or stage_filters(NNUNET_BASE_FILTERS, NNUNET_MAX_FILTERS, depth))
+    planned = list(net.filters or stage_filters(NNUNET_BASE_FILTERS, NNUNET_MAX_FILTERS, depth))
     filters = stage_filters(model_cfg.base_filters or planned[0], model_cfg.max_filters or max(planned), depth)
     return {"strides": strides, "kernel_sizes": kernels, "filters": filters}
 
@@ -108,15 +113,17 @@ def _dynunet_class():
     return SupervisedDynUNet
 
 
-def build_model(model_cfg: ModelConfig, plan: dict[str, Any], in_channels: int, n_classes: int) -> nn.Module:
-    """A MONAI 3D U-Net whose head outputs ``n_classes`` logits per voxel: (N, n_classes, X, Y, Z).
+def build_model(model_cfg: ModelConfig, network: NetworkPlan | dict[str, Any], in_channels: int,
+                n_classes: int) -> nn.Module:
+    """A MONAI 3D U-Net whose head outputs ``n_classes`` logits per voxel: (N, n_classes, X, Y, Z), with the
+    topology of the plan's ``network`` part (``plan.network``; see :func:`network_layout`).
 
     ``dynunet`` with ``deep_supervision`` (and at least 4 stages) returns, in training mode, a list of
     1 + :func:`deep_supervision_heads` logit tensors, full resolution first, the i-th downsampled by the
     product of the first i + 1 decoder strides (see :func:`supervision_target`); in evaluation mode one
     (N, n_classes, X, Y, Z) tensor.
     """
-    layout = network_layout(model_cfg, plan)
+    layout = network_layout(model_cfg, network)
     n_stages = len(layout["strides"])
     if model_cfg.name == "unet":
         from monai.networks.nets import UNet

@@ -31,15 +31,18 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import Config, ModelConfig, PreprocessConfig
+from pipeline.contracts import Plan
 from pipeline.io.dataset import Dataset
 from pipeline.preprocessing.fingerprint import QUANTILE_GRID
 from pipeline.preprocessing.normalize import resolve_schemes
 from pipeline.preprocessing.resample import target_shape
+from pipeline.spacing import is_anisotropic
 
 PLAN_VERSION = 2  # 2: network filters chosen by the budget kind (CPU / GPU); memory_budget "auto"
 MIN_FEATURE_MAP = 4  # voxels per axis at the bottleneck
@@ -180,7 +183,7 @@ def _check_labels(labels: dict[int, str], lesion_labels: Sequence[int]) -> None:
         raise PlanError(f"data.lesion_labels {missing} are not declared labels {values}")
 
 
-def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> dict[str, Any]:
+def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> Plan:
     """Derive the plan from the fingerprint, the data set's labels / channels and the config.
 
     Args:
@@ -191,9 +194,10 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> dic
             asks torch whether CUDA is available here.
 
     Returns:
-        JSON-able plan with ``target_spacing_mm``, ``patch_size``, ``batch_size``, ``network`` (``strides``,
-        ``kernel_sizes``, ``filters``), ``intensity`` (per channel), ``labels``, ``lesion_labels``,
-        ``n_classes``, ``channel_names``, ``orientation``, ``median_shape`` and the budget used.
+        The :class:`~pipeline.contracts.Plan`: ``target_spacing_mm``, ``patch_size``, ``batch_size``,
+        ``network`` (``strides``, ``kernel_sizes``, ``filters``), ``intensity`` (per channel), ``labels``,
+        ``lesion_labels``, ``n_classes``, ``channel_names``, ``orientation``, ``median_shape`` and the budget
+        used (``plan.json`` holds its :meth:`~pipeline.contracts.Contract.to_dict`).
 
     Raises:
         PlanError: labels not consecutive, lesion labels undeclared, channel mismatch.
@@ -261,7 +265,7 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> dic
             intensity.append({"scheme": scheme, "clip": None, "mean": None, "std": None})
 
     labels = {str(k): v for k, v in sorted(dataset.labels.items())}
-    return {
+    return Plan.from_dict({
         "version": PLAN_VERSION,
         "orientation": "RAS",
         "channel_names": list(dataset.channel_names),
@@ -269,7 +273,7 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> dic
         "n_classes": len(labels),
         "lesion_labels": [int(v) for v in cfg.data.lesion_labels],
         "target_spacing_mm": spacing,
-        "anisotropic": bool(max(spacing) > pre.anisotropy_ratio * min(spacing)),
+        "anisotropic": is_anisotropic(spacing, pre.anisotropy_ratio),
         "median_shape": median_shape,
         "patch_size": patch,
         "patch_size_requested": requested,
@@ -295,25 +299,35 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> dic
             "crop_to_nonzero": pre.crop_to_nonzero,
         },
         "n_fingerprint_cases": len(cases),
-    }
+    }, "make_plan")
 
 
 CASE_PLAN_KEYS = ("orientation", "target_spacing_mm", "intensity", "n_classes")
 CASE_SETTINGS = ("crop_to_nonzero", "image_order", "image_order_z", "anisotropy_ratio")
 
 
-def plan_hash(plan: dict[str, Any], pre_cfg: PreprocessConfig) -> str:
+def plan_hash(plan: Plan, pre_cfg: PreprocessConfig) -> str:
     """Hash of everything in the plan and the ``preprocess`` config that decides a case's preprocessed
     bytes (``CASE_PLAN_KEYS``, ``CASE_SETTINGS``, the record version). Stored in every case record; a
-    mismatch makes the stage recompute the case. Patch size, batch size and network do not count."""
+    mismatch makes the stage recompute the case. Patch size, batch size and network do not count.
+
+    The hash is taken over the plan's JSON form, so a plan read back from ``plan.json`` hashes as the one
+    written (and as the plain-dict plans of earlier versions did: existing outputs stay valid)."""
     from pipeline.preprocessing.transform import RECORD_VERSION
 
+    as_json = plan.to_dict()
     blob = json.dumps(
         {
-            "plan": {key: plan[key] for key in CASE_PLAN_KEYS},
+            "plan": {key: as_json[key] for key in CASE_PLAN_KEYS},
             "preprocess": {key: getattr(pre_cfg, key) for key in CASE_SETTINGS},
             "record_version": RECORD_VERSION,
         },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read ``plan.json``; a missing or invalid file raises :class:`~pipeline.contracts.ContractError`
+    naming it (and the key)."""
+    return Plan.load(path)

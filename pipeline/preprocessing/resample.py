@@ -24,6 +24,8 @@ import numpy as np
 import scipy.ndimage as ndi
 import scipy.sparse as sp
 
+from pipeline.spacing import anisotropic_axis, is_anisotropic
+
 _DROP_BELOW = 1e-7  # relative size of spline-prefilter tails we drop (float32 resolution)
 _BLOCK_ELEMENTS = 1 << 22  # voxels per block of the first resampling pass (16 MB of float32)
 
@@ -53,13 +55,11 @@ def grid_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequenc
 def lowres_axis(spacing_mm: Sequence[float], target_spacing_mm: Sequence[float], ratio: float) -> int | None:
     """The axis to resample separately (nnU-Net's rule), or None.
 
-    A scan is strongly anisotropic when ``max(spacing) / min(spacing) > ratio``; the source spacing decides
-    first, the target spacing second. The low-resolution axis must be unique (two coarse axes: None).
+    The rule of :mod:`pipeline.spacing`, on the source spacing first, the target spacing second.
     """
-    for spacing in (np.asarray(spacing_mm, float), np.asarray(target_spacing_mm, float)):
-        if spacing.max() / spacing.min() > ratio:
-            axes = np.flatnonzero(spacing == spacing.max())
-            return int(axes[0]) if len(axes) == 1 else None
+    for spacing in (spacing_mm, target_spacing_mm):
+        if is_anisotropic(spacing, ratio):
+            return anisotropic_axis(spacing, ratio)
     return None
 
 

@@ -11,17 +11,19 @@
 Steps 1-2 are views; step 3 is pointwise and runs block by block inside the first resampling pass, so the
 full-resolution scan is never copied as a whole.
 
-It returns a JSON-able record of every step; :func:`invert_case` uses only that record to map a prediction
-on the preprocessed grid back onto the original grid (same shape, same affine, bit for bit).
+It returns the image and label map as :class:`~pipeline.io.volume.Volume` s on the preprocessed grid and a
+:class:`~pipeline.contracts.CaseRecord` of every step; :func:`invert_case` uses only that record to map a
+prediction on the preprocessed grid back onto the original grid (same shape, same affine, bit for bit).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from pipeline.config import PreprocessConfig
+from pipeline.contracts import CaseRecord, Plan
 from pipeline.io.volume import Volume, grid_mismatch
 from pipeline.preprocessing.crop import crop, nonzero_box, uncrop
 from pipeline.preprocessing.normalize import apply_intensity_, intensity_parameters
@@ -67,8 +69,8 @@ def check_label(image: Volume, label: Volume, n_classes: int | None = None, what
 
 
 def preprocess_case(
-    image: Volume, label: Volume | None, plan: dict[str, Any], cfg: PreprocessConfig
-) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    image: Volume, label: Volume | None, plan: Plan, cfg: PreprocessConfig
+) -> tuple[Volume, Volume | None, CaseRecord]:
     """Reorient, crop, normalise and resample one scan (and its label map) as the plan says.
 
     Args:
@@ -79,16 +81,17 @@ def preprocess_case(
         cfg: ``crop_to_nonzero``, ``image_order``, ``image_order_z`` and ``anisotropy_ratio``.
 
     Returns:
-        ``(image, label, record)``: float32 ``(C, x, y, z)`` C-contiguous; uint8 ``(x, y, z)`` or None; a
-        JSON-able record of the original geometry, orientation change, crop box, spacing change and the
-        intensity parameters applied (everything :func:`invert_case` needs).
+        ``(image, label, record)``: the image, float32 ``(C, x, y, z)`` C-contiguous, and the label map,
+        uint8 ``(1, x, y, z)`` or None, as Volumes on the preprocessed grid (affine ``record.affine``); the
+        record of the original geometry, orientation change, crop box, spacing change and the intensity
+        parameters applied (everything :func:`invert_case` needs).
 
     Raises:
         ValueError: the label does not match the image (grid or values) or the plan (channels).
     """
-    n_classes = int(plan["n_classes"])
-    if image.n_channels != len(plan["intensity"]):
-        raise ValueError(f"image has {image.n_channels} channels, the plan expects {len(plan['intensity'])}")
+    n_classes = plan.n_classes
+    if image.n_channels != len(plan.intensity):
+        raise ValueError(f"image has {image.n_channels} channels, the plan expects {len(plan.intensity)}")
     if label is not None:
         check_label(image, label, n_classes)
 
@@ -105,10 +108,10 @@ def preprocess_case(
     affine_crop = _translate(affine_ras, [lo for lo, _ in box])
 
     # 3. intensity parameters (z-score statistics of this scan), applied pointwise in step 4
-    applied = intensity_parameters(cropped, plan["intensity"])
+    applied = intensity_parameters(cropped, [channel.to_dict() for channel in plan.intensity])
 
     # 4. resampling in the canonical voxel frame; the scan is normalised block by block on the way in
-    target = [float(t) for t in plan["target_spacing_mm"]]
+    target = [float(t) for t in plan.target_spacing_mm]
     new_shape = target_shape(crop_shape, spacing_ras, target)
     low = lowres_axis(spacing_ras, target, cfg.anisotropy_ratio)
     orders = [int(cfg.image_order)] * 3
@@ -127,7 +130,7 @@ def preprocess_case(
             outside = int(np.count_nonzero(lab_ras)) - int(np.count_nonzero(lab_crop))
         lab_out = resample_labels(lab_crop, new_shape, n_classes)
 
-    record = {
+    record = CaseRecord.from_dict({
         "version": RECORD_VERSION,
         "original": {
             "shape": [int(n) for n in image.shape],
@@ -163,16 +166,18 @@ def preprocess_case(
         "shape": list(new_shape),
         "spacing_mm": spacing_out,
         "affine": _affine_list(affine_out),
-    }
-    return img, lab_out, record
+    }, "preprocess_case")
+    image_out = Volume(img, affine_out)
+    return image_out, (None if lab_out is None else Volume(lab_out[None], affine_out)), record
 
 
-def invert_case(prediction: np.ndarray, record: dict[str, Any], kind: Literal["prob", "label"]) -> Volume:
+def invert_case(prediction: np.ndarray | Volume, record: CaseRecord, kind: Literal["prob", "label"]) -> Volume:
     """Map a prediction on the preprocessed grid back onto the original scan's grid and geometry.
 
     Args:
-        prediction: ``(C, x, y, z)`` or ``(x, y, z)`` on the grid ``record["shape"]``: class probabilities
-            (``kind="prob"``; one channel = a lesion probability) or integer labels (``kind="label"``).
+        prediction: ``(C, x, y, z)`` or ``(x, y, z)`` (array or Volume) on the grid ``record.shape``: class
+            probabilities (``kind="prob"``; one channel = a lesion probability) or integer labels
+            (``kind="label"``).
         record: the record :func:`preprocess_case` returned for that scan.
         kind: ``"prob"``: resampled linearly, float32; outside the crop box the background channel is 1 and
             the others 0 (a single channel: 0). ``"label"``: one-hot linear resampling + argmax, uint8,
@@ -183,19 +188,23 @@ def invert_case(prediction: np.ndarray, record: dict[str, Any], kind: Literal["p
     """
     if kind not in ("prob", "label"):
         raise ValueError(f"invert_case: kind must be 'prob' or 'label', got {kind!r}")
+    if isinstance(prediction, Volume):
+        if not np.allclose(prediction.affine, record.affine_array, atol=1e-6):
+            raise ValueError("invert_case: the prediction's affine is not the preprocessed grid's (record.affine)")
+        prediction = prediction.data
     pred = np.asarray(prediction)
     if pred.ndim == 3:
         pred = pred[None]
-    expected = tuple(record["shape"])
+    expected = tuple(record.shape)
     if pred.ndim != 4 or tuple(pred.shape[1:]) != expected:
         raise ValueError(
             f"invert_case: prediction shape {prediction.shape} does not fit the preprocessed grid {expected}"
         )
-    ornt = np.asarray(record["orientation"]["ornt"], dtype=int)
-    box = record["crop"]["box"]
-    crop_shape = tuple(record["crop"]["shape"])
-    shape_ras = tuple(record["orientation"]["shape"])
-    affine = np.asarray(record["original"]["affine"], dtype=np.float64)
+    ornt = np.asarray(record.orientation.ornt, dtype=int)
+    box = [list(pair) for pair in record.crop.box]
+    crop_shape = tuple(record.crop.shape)
+    shape_ras = tuple(record.orientation.shape)
+    affine = record.original_affine
 
     if kind == "label":
         if pred.shape[0] != 1:
@@ -205,7 +214,7 @@ def invert_case(prediction: np.ndarray, record: dict[str, Any], kind: Literal["p
                 "invert_case: kind='label' needs integer labels (use kind='prob' for probabilities)"
             )
         labels = pred[0].astype(np.int64, copy=False)
-        n_classes = max(int(record["n_classes"]), int(labels.max(initial=0)) + 1)
+        n_classes = max(record.n_classes, int(labels.max(initial=0)) + 1)
         back = resample_labels(labels, crop_shape, n_classes)[None]
         full = uncrop(back, box, shape_ras, 0)
     else:
@@ -216,7 +225,30 @@ def invert_case(prediction: np.ndarray, record: dict[str, Any], kind: Literal["p
     return Volume(data, affine)
 
 
-def preprocessed_volume(array: np.ndarray, record: dict[str, Any]) -> Volume:
-    """A preprocessed array (``(C, x, y, z)`` or ``(x, y, z)``) as a Volume on its own grid (for viewing)."""
-    data = array[None] if array.ndim == 3 else array
-    return Volume(np.ascontiguousarray(data), np.asarray(record["affine"], dtype=np.float64))
+
+def grid_record(shape, spacing_mm, n_classes: int, has_label: bool = True, n_channels: int = 1,
+                case_id: str | None = None) -> CaseRecord:
+    """The record of a scan that is already on its preprocessed grid: an axis-aligned RAS grid of ``shape``
+    voxels at ``spacing_mm`` (origin 0 mm), identity orientation, the whole image as crop box, no
+    resampling and no normalisation. For arrays written in the preprocessed layout by other means
+    (synthetic training data, benchmarks); :func:`invert_case` with it returns the array unchanged."""
+    shape = [int(n) for n in shape]
+    spacing = [float(s) for s in spacing_mm]
+    affine = _affine_list(np.diag([*spacing, 1.0]))
+    return CaseRecord.from_dict({
+        **({"case_id": case_id} if case_id is not None else {}),
+        "version": RECORD_VERSION,
+        "original": {"shape": shape, "affine": affine, "spacing_mm": spacing, "axcodes": "RAS",
+                     "n_channels": n_channels},
+        "orientation": {"ornt": [[0, 1], [1, 1], [2, 1]], "axcodes": "RAS", "shape": shape, "spacing_mm": spacing,
+                        "affine": affine},
+        "crop": {"box": [[0, n] for n in shape], "shape": shape, "affine": affine, "label_voxels_outside": 0},
+        "resample": {"target_spacing_mm": spacing, "spacing_mm": spacing, "shape": shape, "image_orders": [3, 3, 3],
+                     "lowres_axis": None, "label_method": LABEL_METHOD},
+        "intensity": [{"scheme": "none", "clip": None, "mean": None, "std": None}] * n_channels,
+        "n_classes": n_classes,
+        "has_label": has_label,
+        "shape": shape,
+        "spacing_mm": spacing,
+        "affine": affine,
+    }, "grid_record")

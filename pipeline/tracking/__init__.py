@@ -12,25 +12,23 @@ Typical stage use (train)::
 
 (``open_pipeline_run`` / ``finish_pipeline_run`` live in :mod:`pipeline.tracking.pipeline_run`.)
 
-See :mod:`pipeline.tracking.mlflow_tracker` for run status rules and :mod:`pipeline.tracking.lineage` for
-the tag names.
+See :mod:`pipeline.tracking.mlflow_tracker` for which module does which job, :mod:`pipeline.tracking.runs`
+for the run status rules and :mod:`pipeline.tracking.lineage` for the tag names.
 """
 
-from pipeline.tracking.artifacts import RunNotFound, download_run_artifacts, get_run, latest_run, store_uri
+from pipeline.tracking.artifacts import RunNotFound, download_run_artifacts, get_run, latest_run
 from pipeline.tracking.lineage import lineage_tags
-from pipeline.tracking.registry import should_promote
-from pipeline.tracking.run_key import pipeline_key
 from pipeline.tracking.mlflow_tracker import (
     MlflowTracker,
     NullTracker,
     Tracker,
     create_tracker,
     distributed_rank,
-    flat_params,
-    param_value,
-    read_run_ref,
-    write_run_ref,
 )
+from pipeline.tracking.pipeline_run import read_run_ref, write_run_ref
+from pipeline.tracking.registry import should_promote
+from pipeline.tracking.run_data import flat_params, param_value
+from pipeline.tracking.run_key import pipeline_key
 from pipeline.tracking.store import (
     TrackingUnavailable,
     check_reachable,
@@ -58,6 +56,5 @@ __all__ = [
     "read_run_ref",
     "resolve_tracking_uri",
     "should_promote",
-    "store_uri",
     "write_run_ref",
 ]

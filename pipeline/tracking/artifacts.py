@@ -1,10 +1,10 @@
 """Reading runs back from MLflow: find an ``evaluate`` run and download its artifacts (for inspection).
 
 The inspection notebook and :mod:`pipeline.inspection.run` use these so that they never import mlflow
-themselves. The store is resolved as the stages resolve it (``tracking.tracking_uri`` >
-``$MLFLOW_TRACKING_URI`` > the local SQLite store), except that the local store and relative SQLite
-paths are taken relative to ``workdir`` (the folder the stages ran in), not to the caller's working
-directory -- a notebook runs in ``notebooks/``.
+themselves. The store is resolved as the stages resolve it
+(:func:`~pipeline.tracking.store.resolve_tracking_uri`), with the local store and relative SQLite paths
+taken relative to ``workdir`` (the folder the stages ran in), not to the caller's working directory -- a
+notebook runs in ``notebooks/``.
 
 Example::
 
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.tracking.store import local_store_uri, redact_uri, sqlite_path
+from pipeline.tracking.store import import_mlflow, redact_uri, resolve_tracking_uri, sqlite_path
 
 if TYPE_CHECKING:
     from pipeline.config import TrackingConfig
@@ -32,32 +32,15 @@ class RunNotFound(LookupError):
     """No run matches (unknown id, or no finished run of that name); the message names the store."""
 
 
-def store_uri(cfg: TrackingConfig, workdir: str | Path | None = None) -> str:
-    """The tracking URI the stages run in ``workdir`` used (relative SQLite paths resolved there).
-
-    >>> from pipeline.config import TrackingConfig
-    >>> store_uri(TrackingConfig(tracking_uri="sqlite:///mlflow.db"), "/runs/a")
-    'sqlite:////runs/a/mlflow.db'
-    """
-    base = Path(workdir) if workdir is not None else Path.cwd()
-    uri = (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(base)).strip()
-    db = sqlite_path(uri)
-    if db is not None and not db.is_absolute():
-        uri = f"sqlite:///{(base / db).absolute()}" + (uri[uri.index("?"):] if "?" in uri else "")
-    return uri
-
-
 def _client(cfg: TrackingConfig, workdir: str | Path | None) -> tuple[Any, str]:
-    from pipeline.tracking.mlflow_tracker import _mlflow
-
-    uri = store_uri(cfg, workdir)
+    uri = resolve_tracking_uri(cfg, workdir)
     db = sqlite_path(uri)
     if db is not None and not db.exists():  # MLflow would silently create an empty store
         raise RunNotFound(f"MLflow store {uri}: the database file does not exist (has a tracked stage run?)")
     with warnings.catch_warnings():
         # mlflow imports tqdm.auto, which warns in a notebook kernel without ipywidgets
         warnings.filterwarnings("ignore", message="IProgress not found")
-        mlflow = _mlflow()
+        mlflow = import_mlflow()
     return mlflow.MlflowClient(tracking_uri=uri), uri
 
 

@@ -14,16 +14,23 @@ The parent is found or created by the :func:`~pipeline.tracking.run_key.pipeline
 the train and evaluate processes of one ``dvc repro`` / ``dvc exp run`` share it; it carries the whole flat
 config as params, the lineage tags, the training summary and the test metrics, so one row of the MLflow
 run table relates the parameters to the test CPM. The child runs keep the per-epoch curves and artifacts.
+
+``dvc repro`` runs the stages as separate processes: the train stage writes its run ids (and the registered
+model version) with :func:`write_run_ref` to ``mlflow_run.json``; the evaluate stage reads them with
+:func:`read_run_ref` to prefer the same parent and to tag that model version.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.io.atomic import write_json
 from pipeline.tracking.lineage import lineage_tags
 from pipeline.tracking.run_key import data_hash, pipeline_key
 
@@ -103,3 +110,31 @@ def finish_pipeline_run(run: Tracker, parent: str | None, ref: Mapping[str, Any]
         run.set_tags({"model.registered_model_name": name, "model.registered_model_version": version,
                       f"model.{cfg.champion_alias}": str(promotion.promoted).lower()}, run_id=parent)
     return promotion
+
+
+RUN_REF_FILE = "mlflow_run.json"  # in ``paths.models``: the train stage's run ids, read by evaluate and the notebook
+
+
+def run_ref_path(models_dir: str | Path) -> Path:
+    """Where the train stage leaves its run reference (:func:`write_run_ref`)."""
+    return Path(models_dir) / RUN_REF_FILE
+
+
+def write_run_ref(path: str | Path, ref: Mapping[str, Any]) -> None:
+    """Write run ids for a later stage (atomically; JSON), e.g. ``{**run.run_ref(), "pipeline_key": key}``."""
+    write_json(path, dict(ref))
+
+
+def read_run_ref(path: str | Path) -> dict[str, Any]:
+    """Read what :func:`write_run_ref` wrote.
+
+    Raises:
+        FileNotFoundError: with the path and a hint that the producing stage has not run.
+    """
+    path = Path(path)
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: no MLflow run reference (has the stage that writes it run?)"
+        ) from None

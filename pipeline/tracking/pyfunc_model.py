@@ -1,6 +1,6 @@
 """The registered model: an MLflow ``pyfunc`` that takes a whole scan and returns its lesion maps.
 
-It wraps the pipeline's own inference (:func:`pipeline.inference.predict.load_model` +
+It wraps the pipeline's own inference (:func:`pipeline.inference.loaded_model.load_model` +
 :func:`~pipeline.inference.predict.predict_volume`): the checkpoint's plan reorients, crops, normalises
 and resamples the scan, the sliding window predicts, and the inverse mapping puts the probability and
 label maps back on the **input's grid** (same shape, same affine). No traced or exported graph is
@@ -26,7 +26,7 @@ Example (REST, after ``mlflow models serve -m models:/rare-lesion-unet@champion 
          -H 'Content-Type: application/json' http://127.0.0.1:5000/invocations
 
 This module imports mlflow at import time (the model class must subclass ``PythonModel``); only
-:mod:`pipeline.tracking` imports it, lazily.
+:mod:`pipeline.tracking.model_logging` (which logs it) imports it, lazily.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class ScanSegmenter(mlflow.pyfunc.PythonModel):
     """Lesion segmentation of whole scans (artifact ``checkpoint``: the training run's ``best.pt``)."""
 
     def load_context(self, context: Any) -> None:
-        from pipeline.inference.predict import load_model
+        from pipeline.inference.loaded_model import load_model
 
         self._loaded = load_model(context.artifacts["checkpoint"], os.environ.get(DEVICE_ENV, "auto"))
 
@@ -193,25 +193,3 @@ def example_input(n_channels: int, shape: tuple[int, int, int] = (12, 10, 6)) ->
     """A tiny input row (zeros, 1 mm isotropic) stored with the model as MLflow's input example."""
     image = np.zeros((n_channels, *shape), dtype=np.float64)
     return pd.DataFrame([{"image": image.tolist(), "affine": np.eye(4).tolist()}])
-
-
-def log_scan_model(checkpoint: str | Path, n_channels: int, *, name: str = "model",
-                   registered_model_name: str | None = None) -> Any:
-    """Log (and register) :class:`ScanSegmenter` with ``checkpoint`` into the active fluent run.
-
-    The model is logged "from code" (:mod:`pipeline.tracking.pyfunc_entry`) and the ``pipeline`` package is
-    bundled, so loading needs only the pinned requirements and unpickles nothing of ours. Returns MLflow's
-    ``ModelInfo``.
-    """
-    import pipeline
-
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models from code: no pickle
-        artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(Path(pipeline.__file__).parent)],
-        signature=scan_signature(),
-        input_example=example_input(n_channels),
-        pip_requirements=pip_requirements(),
-        registered_model_name=registered_model_name,
-    )

@@ -9,7 +9,8 @@ An unreachable server is detected with one plain HTTP GET and a short timeout (M
 for minutes): ``tracking.on_unreachable: fail`` (default) raises :class:`TrackingUnavailable` naming the URI
 before the stage does any work; ``fallback`` logs a WARNING and records to the local SQLite store.
 
-Nothing here imports mlflow.
+mlflow is imported lazily (it takes seconds), only by :func:`import_mlflow` and the functions that talk to
+the store through a client (:func:`get_or_create_experiment`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.config import TrackingConfig
@@ -53,28 +54,25 @@ def local_store_uri(directory: str | Path | None = None) -> str:
     return f"sqlite:///{db}"
 
 
-def _absolute_sqlite(uri: str) -> str:
-    # "sqlite:///mlflow.db" is relative to the working directory of whichever process opens it: make it
-    # absolute so that stages run from different directories (or dvc exp temp dirs) agree.
-    path = uri[len("sqlite:///") :]
-    if not path or path.startswith("/") or path == ":memory:":
-        return uri
-    return f"sqlite:///{Path(path).absolute()}"
-
-
-def resolve_tracking_uri(cfg: TrackingConfig) -> str:
+def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path | None = None) -> str:
     """The tracking URI to use: ``cfg.tracking_uri`` > ``$MLFLOW_TRACKING_URI`` > the local SQLite store.
 
-    Relative SQLite paths are made absolute against the working directory.
+    The local store and relative SQLite paths are taken relative to ``workdir`` (default: the working
+    directory): ``sqlite:///mlflow.db`` is otherwise relative to whichever process opens it, so stages run
+    from different directories (or ``dvc exp`` temp dirs) and a notebook run in ``notebooks/`` (which passes
+    the folder the stages ran in) would disagree.
 
     >>> from pipeline.config import TrackingConfig
     >>> resolve_tracking_uri(TrackingConfig(tracking_uri="http://127.0.0.1:5000"))
     'http://127.0.0.1:5000'
+    >>> resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:///mlflow.db"), "/runs/a")
+    'sqlite:////runs/a/mlflow.db'
     """
-    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
-    uri = uri.strip()
-    if uri.startswith("sqlite:///"):
-        uri = _absolute_sqlite(uri)
+    base = Path(workdir) if workdir is not None else Path.cwd()
+    uri = (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(base)).strip()
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        uri = f"sqlite:///{(base / db).absolute()}" + (uri[uri.index("?"):] if "?" in uri else "")
     return uri
 
 
@@ -98,6 +96,14 @@ def artifact_location(uri: str) -> str | None:
 
 def is_http(uri: str) -> bool:
     return urllib.parse.urlsplit(uri).scheme in ("http", "https")
+
+
+def ui_hint(uri: str, experiment_id: str | None, run_id: str | None = None) -> str:
+    """Where to look at a run: its URL on a server, or the ``mlflow ui`` command for a SQLite store."""
+    if is_http(uri):
+        base = redact_uri(uri).rstrip("/")
+        return f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def _ssl_context() -> ssl.SSLContext | None:
@@ -169,3 +175,41 @@ def select_store(cfg: TrackingConfig, timeout_s: float = 5.0) -> tuple[str, str 
         check_reachable(local, timeout_s)
         return local, uri
     return uri, None
+
+
+def import_mlflow() -> Any:
+    """Import mlflow (lazily: it costs seconds) with telemetry off unless the user decided otherwise."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    return mlflow
+
+
+def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
+    """Id of experiment ``name`` in the store of ``client`` (an ``MlflowClient`` for ``uri``), created if new.
+
+    A new experiment of a SQLite store keeps its artifacts in :func:`artifact_location`.
+
+    Raises:
+        RuntimeError: the experiment exists but is deleted (MLflow would refuse to log into it).
+    """
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise RuntimeError(
+                f"MLflow experiment {name!r} in {redact_uri(uri)} is deleted: restore it "
+                "(mlflow experiments restore) or choose another tracking.experiment"
+            )
+        return str(exp.experiment_id)
+    location = artifact_location(uri)
+    if location is not None:
+        Path(location).mkdir(parents=True, exist_ok=True)
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException:  # created meanwhile by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)

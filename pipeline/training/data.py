@@ -5,7 +5,7 @@ augmentation (:mod:`pipeline.data.augment`), and a DataLoader whose batch for st
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,32 +15,190 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import AugmentConfig
+from pipeline.contracts import CaseRecord
 from pipeline.data.augment import augment_patch
 from pipeline.data.sampling import LesionIndex, PatchSampler, index_lesions
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ loading and cache
+
+# ``train.cache`` spellings: ``disk`` (the old name) and ``memmap`` mean ``mmap``
+CACHE_ALIASES = {"memory": "memory", "mmap": "mmap", "memmap": "mmap", "disk": "mmap", "auto": "auto"}
 
 
 @dataclass
 class PreprocessedCase:
+    """One preprocessed scan. ``image`` / ``label`` are in-memory arrays, or read-only memory maps of the
+    preprocess stage's ``.npy`` files; then ``image_path`` / ``label_path`` name those files, and pickling
+    (a spawn-started loader worker, a DDP rank) sends the paths, not the data: the receiver maps the files
+    again and shares their pages through the page cache."""
+
     case_id: str
     image: np.ndarray  # (C, X, Y, Z) float32
     label: np.ndarray  # (X, Y, Z) uint8
     spacing_mm: tuple[float, float, float]
+    image_path: Path | None = None  # set when ``image`` is a memory map of this file
+    label_path: Path | None = None  # set when ``label`` is a memory map of this file
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in ("image", "label"):
+            if state[f"{key}_path"] is not None and isinstance(state[key], np.memmap):
+                state[key] = None  # re-mapped from the path by __setstate__
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for key in ("image", "label"):
+            if state[key] is None:
+                state[key] = load_array(state[f"{key}_path"], mmap=True)
+        self.__dict__.update(state)
 
 
-def load_preprocessed(folder: str | Path, case_ids: list[str], cache: str = "memory") -> list[PreprocessedCase]:
-    """Read the preprocess stage's arrays; ``cache="disk"`` memory-maps them instead of loading."""
+def load_array(path: str | Path, mmap: bool) -> np.ndarray:
+    """``np.load`` of one preprocessed array (``mmap``: a read-only memory map, no data read yet).
+
+    Raises:
+        FileNotFoundError / ValueError naming ``path`` when the file is missing, truncated or not a .npy
+        array (``np.load``'s own messages do not say which file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: preprocessed array missing; run the preprocess stage")
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path}: unreadable preprocessed array ({exc}); re-run the preprocess stage") from exc
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise ValueError(f"{path}: not a single .npy array; re-run the preprocess stage")
+    return array
+
+
+def npy_nbytes(path: str | Path) -> int:
+    """Bytes of the array in a ``.npy`` file, read through a memory map (the header only; no data read)."""
+    return int(load_array(path, mmap=True).nbytes)
+
+
+def cgroup_headroom_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                          root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup memory limit (a container's, a Slurm job's), or None if none.
+
+    cgroup v2 (``0::<path>``): ``memory.max - memory.current``; v1 (``<n>:memory:<path>``):
+    ``memory.limit_in_bytes - memory.usage_in_bytes``. Usage counts the group's page cache too, so this errs
+    low (towards memory-mapping).
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    headroom = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, path = parts[1], parts[2].lstrip("/")
+        if controllers == "":
+            limit_file, used_file = root / path / "memory.max", root / path / "memory.current"
+        elif "memory" in controllers.split(","):
+            v1 = root / "memory" / path
+            limit_file, used_file = v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            limit, used = limit_file.read_text().strip(), int(used_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a huge number
+            continue
+        left = max(0, int(limit) - used)
+        headroom = left if headroom is None else min(headroom, left)
+    return headroom
+
+
+def available_ram_bytes() -> int:
+    """RAM this process can still fill without swapping or being killed, in bytes.
+
+    ``MemAvailable`` of ``/proc/meminfo`` (free + reclaimable page cache), lowered to the headroom under the
+    cgroup's memory limit (:func:`cgroup_headroom_bytes`). Where ``/proc`` is absent: free physical pages
+    (``os.sysconf``), which leaves out the page cache and so errs towards memory-mapping.
+    """
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # no sysconf name: assume plenty
+            return 2**62
+    headroom = cgroup_headroom_bytes()
+    return int(avail if headroom is None else min(avail, headroom))
+
+
+def resolve_cache(cache: str, data_bytes: int, ram_fraction: float, available_bytes: int) -> str:
+    """``"memory"`` or ``"mmap"`` for a ``train.cache`` setting.
+
+    ``auto``: memory-map when ``data_bytes > ram_fraction * available_bytes`` (the arrays would take more
+    than that share of the free RAM), else load into memory. ``memory`` / ``mmap`` (or ``disk`` / ``memmap``)
+    are kept as given.
+    """
+    if cache not in CACHE_ALIASES:
+        raise ValueError(f"unknown train.cache {cache!r}: one of {sorted(CACHE_ALIASES)}")
+    mode = CACHE_ALIASES[cache]
+    if mode != "auto":
+        return mode
+    return "mmap" if data_bytes > ram_fraction * available_bytes else "memory"
+
+
+def load_preprocessed(folder: str | Path, case_ids: list[str], cache: str = "auto", ram_fraction: float = 0.5,
+                      available_bytes: int | None = None,
+                      processes_per_machine: int = 1) -> list[PreprocessedCase]:
+    """Read the preprocess stage's arrays into memory or as read-only memory maps (``train.cache``).
+
+    Memory maps let the training set exceed RAM: a patch read touches only the pages under the patch, and
+    the pages live in the page cache, shared by the loader workers (forked or spawned, see
+    :class:`PreprocessedCase`) and evicted under memory pressure instead of the process being killed.
+
+    Args:
+        folder: the preprocess stage's output (``<folder>/cases/<id>.json``, ``<id>_image.npy``, ...).
+        case_ids: cases to read, in order.
+        cache: ``memory``, ``mmap`` (aliases ``disk``, ``memmap``) or ``auto`` (see :func:`resolve_cache`).
+        ram_fraction: ``auto``'s share of the available RAM (``train.cache_ram_fraction``).
+        available_bytes: the available RAM; None: measured now (:func:`available_ram_bytes`).
+        processes_per_machine: training processes on this machine that each load these cases (DDP ranks):
+            in memory each holds its own copy, so ``auto`` weighs ``processes_per_machine`` x the arrays.
+    """
     folder = Path(folder) / "cases"
-    mmap = "r" if cache == "disk" else None
-    out = []
     for cid in case_ids:
         record_path = folder / f"{cid}.json"
         if not record_path.is_file():
             raise FileNotFoundError(f"{record_path}: preprocessed case missing; run the preprocess stage")
-        record = json.loads(record_path.read_text())
-        image = np.load(folder / f"{cid}_image.npy", mmap_mode=mmap)
-        label = np.load(folder / f"{cid}_label.npy", mmap_mode=mmap)
-        spacing = tuple(record.get("target_spacing_mm") or record.get("spacing_mm") or (1.0, 1.0, 1.0))
-        out.append(PreprocessedCase(cid, image, label, spacing))  # type: ignore[arg-type]
+    paths = [(folder / f"{cid}_image.npy", folder / f"{cid}_label.npy") for cid in case_ids]
+    mode = CACHE_ALIASES.get(cache, cache)
+    if mode == "auto":
+        data_bytes = sum(npy_nbytes(p) for pair in paths for p in pair) * max(1, processes_per_machine)
+        avail = available_ram_bytes() if available_bytes is None else int(available_bytes)
+        mode = resolve_cache(cache, data_bytes, ram_fraction, avail)
+        log.info("train.cache auto: %d cases x %d process(es), %.2f GB of arrays vs %.2f x %.2f GB available "
+                 "RAM -> %s", len(case_ids), max(1, processes_per_machine), data_bytes / 1e9, ram_fraction,
+                 avail / 1e9, "memory-mapped" if mode == "mmap" else "in memory")
+    else:
+        mode = resolve_cache(cache, 0, ram_fraction, 0)  # validates the name
+    mmap = mode == "mmap"
+    out = []
+    for cid, (image_path, label_path) in zip(case_ids, paths, strict=True):
+        record = CaseRecord.load(folder / f"{cid}.json")  # invalid / without spacing: ContractError naming it
+        image = load_array(image_path, mmap)
+        label = load_array(label_path, mmap)
+        spacing = record.spacing_mm  # the preprocessed grid's (mm)
+        out.append(PreprocessedCase(cid, image, label, spacing,  # type: ignore[arg-type]
+                                    image_path if mmap else None, label_path if mmap else None))
     return out
 
 

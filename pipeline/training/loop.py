@@ -5,7 +5,9 @@
 3. per epoch: lesion-aware patch batches from worker processes (started once for the whole run), AMP
    forward/backward, clipping, LR step
 4. every ``val_every`` epochs (and at the end): sliding-window inference on the validation scans,
-   lesion-level CPM (Dice secondary); the best checkpoint is kept by (CPM, Dice), the last always
+   lesion-level CPM (Dice secondary); the best checkpoint is kept by (CPM, Dice), the last always. Under DDP
+   every rank validates its share of the scans and the per-scan results are gathered
+   (:func:`pipeline.training.validate.validate_distributed`): the same metrics on every rank
 4b. with ``train.time_budget_min``: the LR decay is compressed into the budget (progress = the larger of
    the step and the time fraction) and training ends when it is spent, possibly mid-epoch; that epoch is
    then validated and checkpointed like a last epoch (:mod:`pipeline.training.budget`)
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +29,16 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.data.augment import anisotropic_axis
-from pipeline.training.checkpoint import check_resume_compatible, load_checkpoint, save_checkpoint
+from pipeline.contracts import OperatingPoint, Plan, operating_point_or_none
+from pipeline.losses.probability import one_hot
+from pipeline.model.checkpoint import (
+    best_checkpoint,
+    check_resume_compatible,
+    last_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pipeline.model.device import resolve_device
 from pipeline.training.budget import WallClockBudget
 from pipeline.training.data import PatchBatches, PreprocessedCase, make_loader, resolve_num_workers
 from pipeline.training.distributed import DistInfo, barrier
@@ -43,18 +53,10 @@ class TrainResult:
     best_epoch: int
     best_metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
-    operating_point: dict[str, float] | None = None
+    operating_point: OperatingPoint | None = None
     stopped_by: str = "epochs"  # "epochs": all train.epochs ran; "time_budget": train.time_budget_min ended it
     steps: int = 0  # optimiser steps of the whole run (resumed parts included)
     elapsed_s: float = 0.0  # wall-clock seconds of the whole run (what the budget counts)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def amp_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
@@ -81,14 +83,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
-def one_hot_labels(target: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(N, 1, *spatial) integer labels -> contiguous (N, n_classes, *spatial) float32 one-hot."""
-    shape = (target.shape[0], n_classes, *target.shape[2:])
-    out = torch.zeros(shape, dtype=torch.float32, device=target.device)
-    return out.scatter_(1, target.long(), 1.0)
-
-
-def supervised_loss(loss_fn: nn.Module, output, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def supervised_loss(loss_fn: nn.Module, output,
+                    target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, focal, dice) over the deep-supervision heads at nnU-Net's weights.
 
     ``output``: (N, C, *spatial) logits, or a list of heads, full resolution first, each compared with the
@@ -115,25 +111,69 @@ def supervised_loss(loss_fn: nn.Module, output, target: torch.Tensor) -> tuple[t
         if size not in encoded:
             labels = supervision_target(target, size)
             if n_classes > 1 and labels.shape[1] == 1:  # a single-channel head takes its binary mask as is
-                labels = one_hot_labels(labels, n_classes)
+                labels = one_hot(labels, n_classes)
             encoded[size] = labels
         parts = loss_fn.parts(head.float(), encoded[size])
         total, focal, dice = total + w * parts.total, focal + w * parts.focal, dice + w * parts.dice
     return total, focal, dice  # type: ignore[return-value]
 
 
-def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase], val_cases: list[PreprocessedCase],
+@dataclass
+class Selection:
+    """Model selection so far: the best validation key ``(CPM, lesion Dice)``, its epoch (1-based; -1
+    before any validation), its metrics and its operating point."""
+
+    key: tuple[float, float] = (-1.0, -1.0)
+    epoch: int = -1
+    metrics: dict[str, float] = field(default_factory=dict)
+    operating_point: OperatingPoint | None = None
+
+
+@dataclass
+class RunState:
+    """What a resumed run takes over from ``last.pt``, and what the loop updates as it goes."""
+
+    start_epoch: int = 0  # first epoch (0-based) this call trains
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: Selection = field(default_factory=Selection)
+    elapsed_before_s: float = 0.0  # wall-clock seconds of the earlier parts (the budget counts them too)
+    steps_before: int = 0  # optimiser steps of the earlier parts
+    steps_done: int = 0  # optimiser steps of this call
+    epochs_run: int = 0  # epochs finished, earlier parts included
+    stopped_by: str = "epochs"
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """The bookkeeping a checkpoint stores beside the model / optimiser / scaler state (see :func:`_save`)."""
+
+    epoch: int  # 0-based index of the epoch just finished
+    history: list[dict[str, Any]]
+    best: Selection
+    elapsed_s: float  # wall-clock seconds of the whole run so far
+    steps: int  # optimiser steps of the whole run so far
+    stopped_by: str
+
+
+@dataclass(frozen=True)
+class Trainee:
+    """The network and what steps it: the bare ``model`` (validated, checkpointed) and ``net``, what the
+    training steps run (``model`` wrapped in DDP and/or compiled)."""
+
+    model: nn.Module
+    net: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: no autocast
+
+
+def train(cfg: Config, plan: Plan, train_cases: list[PreprocessedCase], val_cases: list[PreprocessedCase],
           out_dir: Path, resume: bool = False, progress: bool = True, dist_info: DistInfo = DistInfo(),
           log_metrics: Callable[[dict[str, float], int], None] | None = None,
           stop_after_steps: int | None = None) -> TrainResult:
     """Train and write ``last.pt`` / ``best.pt`` into ``out_dir`` (rank 0). See the module docstring."""
-    from tqdm import tqdm
-
-    from pipeline.losses import build_loss
-    from pipeline.model.factory import build_model
-    from pipeline.model.prior_init import init_prior_bias
-    from pipeline.training.validate import validate
-
     tc = cfg.train
     device = resolve_device(tc.device)
     torch.manual_seed(cfg.seed + dist_info.rank)
@@ -141,60 +181,134 @@ def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase]
     # kernels for the fixed patch shape. Both only matter on CUDA; CPU runs are reproducible either way.
     torch.backends.cudnn.deterministic = tc.deterministic
     torch.backends.cudnn.benchmark = not tc.deterministic
-    patch = tuple(tc.patch_size or plan["patch_size"])
-    batch_size = tc.batch_size or plan["batch_size"]
+    patch = tuple(tc.patch_size or plan.patch_size)
+    batch_size = tc.batch_size or plan.batch_size
     check_patch_fits(patch, train_cases)
-    n_classes, in_channels = int(plan["n_classes"]), len(plan["channel_names"])
-    lesion_labels = list(plan["lesion_labels"])
 
-    model = build_model(tc.model, plan, in_channels, n_classes)
-    if tc.model.prior_init:
-        init_prior_bias(model, tc.model.prior_probability, tc.loss.mode, n_classes, lesion_labels)
-    model.to(device)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    loss_fn = build_loss(tc.loss, n_classes)
+    # 1. network, loss, optimiser; 2. resume; then DDP / compile around the (resumed) model
+    model, loss_fn = _build_network(cfg, plan, device)
     optimizer = build_optimizer(cfg, model)
     amp_on, amp_dtype, use_scaler = amp_settings(tc.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    last_path, best_path = last_checkpoint(out_dir), best_checkpoint(out_dir)
+    state = _resume(last_path, cfg, model, optimizer, scaler, device) if resume else RunState()
+    budget = WallClockBudget(tc.time_budget_min, state.elapsed_before_s)
+    run = Trainee(model, _wrap(model, cfg, dist_info, device), loss_fn, optimizer, scaler, device,
+                  amp_dtype if amp_on else None)
 
-    history: list[dict[str, Any]] = []
-    start_epoch, best_key, best_epoch, best_metrics, operating_point = 0, (-1.0, -1.0), -1, {}, None
-    elapsed_before, steps_before = 0.0, 0
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    flat = cfg.flat()
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path, device)
-        check_resume_compatible(last_path, state["config_flat"], flat)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it to `device`
-        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-        best_key, best_epoch = tuple(state["best_key"]), int(state["best_epoch"])
-        best_metrics, operating_point = dict(state["best_metrics"]), state.get("operating_point")
-        elapsed_before = float(state.get("elapsed_s", 0.0))  # the budget counts the earlier part too
-        steps_before = int(state.get("steps", start_epoch * tc.steps_per_epoch))
-        log.info("resumed from %s at epoch %d", last_path, start_epoch)
-    elif resume:
+    batches, workers = _open_batches(cfg, plan, train_cases, patch, batch_size, state.start_epoch, dist_info, device)
+    log.info("training: %d loader worker(s), %s", workers,
+             f"time budget {tc.time_budget_min} min" if budget.enabled else "no time budget")
+
+    def record(epoch: int, history: list[dict[str, Any]]) -> CheckpointRecord:
+        return CheckpointRecord(epoch, history, state.best, budget.elapsed_s(),
+                                state.steps_before + state.steps_done, state.stopped_by)
+
+    state.epochs_run = state.start_epoch
+    if budget.enabled and _budget_fraction(budget, dist_info, device) >= 1.0:  # resumed with the budget spent
+        state.stopped_by = "time_budget"
+        log.info("time budget of %s min already spent; nothing to train", tc.time_budget_min)
+    try:
+        # 3. epochs
+        for epoch in range(state.start_epoch, tc.epochs if state.stopped_by == "epochs" else state.start_epoch):
+            row, n, budget_ended = _train_epoch(run, cfg, epoch, batches, budget, dist_info, batch_size,
+                                                progress, state.steps_done, stop_after_steps)
+            state.steps_done += n
+            state.epochs_run = epoch + 1
+            if budget_ended:
+                state.stopped_by = "time_budget"
+            # 4. validate on schedule, and always at the end (the last epoch, or the budget's end)
+            final = epoch + 1 == tc.epochs or state.stopped_by == "time_budget"
+            if val_cases and ((epoch + 1) % tc.val_every == 0 or final):
+                if _validate_and_select(run.model, val_cases, plan, cfg, device, patch, dist_info, budget,
+                                        epoch, row, state.best) and dist_info.is_main:
+                    _save(best_path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg, plan=plan,
+                          record=record(epoch, state.history + [row]))
+            state.history.append(row)
+            # 5. log, and checkpoint (rank 0)
+            if dist_info.is_main:
+                _log_epoch(out_dir, state.history, log_metrics)
+                if (epoch + 1) % tc.checkpoint_every == 0 or final:
+                    _save(last_path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg, plan=plan,
+                          record=record(epoch, state.history))
+            barrier(dist_info)  # the others wait for rank 0's checkpoint write only
+            if state.stopped_by == "time_budget":
+                log.info("time budget of %s min reached after %d steps (epoch %d of %d)", tc.time_budget_min,
+                         state.steps_before + state.steps_done, epoch + 1, tc.epochs)
+                break
+    finally:
+        del batches  # ends the loader's worker processes
+
+    # no validation scans: the last model is the best (overwrite: a best.pt left by an earlier run is stale)
+    if dist_info.is_main and (not val_cases or not best_path.exists()):
+        state.best.epoch = state.epochs_run
+        _save(best_path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg, plan=plan,
+              record=record(state.epochs_run - 1, state.history))
+    return TrainResult(state.best.epoch, state.best.metrics, state.history, state.best.operating_point,
+                       stopped_by=state.stopped_by, steps=state.steps_before + state.steps_done,
+                       elapsed_s=budget.elapsed_s())
+
+
+def _build_network(cfg: Config, plan: Plan, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(model, loss): the network from the plan with its head initialised to the lesion prior, on ``device``."""
+    from pipeline.losses import build_loss
+    from pipeline.model.factory import build_model
+    from pipeline.model.prior_init import init_prior_bias
+
+    tc = cfg.train
+    n_classes, in_channels = plan.n_classes, plan.n_channels
+    model = build_model(tc.model, plan.network, in_channels, n_classes)
+    if tc.model.prior_init:
+        init_prior_bias(model, tc.model.prior_probability, tc.loss.mode, n_classes, list(plan.lesion_labels))
+    model.to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model, build_loss(tc.loss, n_classes)
+
+
+def _resume(last_path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, device: torch.device) -> RunState:
+    """Load model / optimiser / scaler / RNG state from ``last.pt`` (in place) and return the run's state;
+    a fresh state (with a warning) when there is no ``last.pt``."""
+    if not last_path.exists():
         log.warning("--resume: %s does not exist; starting from scratch", last_path)
-    budget = WallClockBudget(tc.time_budget_min, elapsed_before)
+        return RunState()
+    state = load_checkpoint(last_path, device)
+    check_resume_compatible(last_path, state["config_flat"], cfg.flat())
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it to `device`
+    start_epoch = int(state["epoch"]) + 1
+    best = Selection(tuple(state["best_key"]), int(state["best_epoch"]), dict(state["best_metrics"]),
+                     operating_point_or_none(state.get("operating_point"), f"{last_path}: operating_point"))
+    log.info("resumed from %s at epoch %d", last_path, start_epoch)
+    return RunState(start_epoch, list(state["history"]), best,
+                    elapsed_before_s=float(state.get("elapsed_s", 0.0)),
+                    steps_before=int(state.get("steps", start_epoch * cfg.train.steps_per_epoch)))
 
+
+def _wrap(model: nn.Module, cfg: Config, dist_info: DistInfo, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel under torchrun, and compiled with ``train.compile``."""
     net: nn.Module = model
     if dist_info.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
-    if tc.compile:
+        device_ids = [dist_info.local_rank] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.train.compile:
         net = torch.compile(net)
+    return net
 
-    aniso_axis = anisotropic_axis(plan)  # the plan's rule, not re-derived from the config
-    dataset = PatchBatches(train_cases, patch, batch_size, tc.sampling, tc.augment, lesion_labels,
-                           seed=cfg.seed, rank=dist_info.rank, anisotropic_axis=aniso_axis)
-    spe = tc.steps_per_epoch
-    total_steps = tc.epochs * spe
-    warmup = tc.optim.warmup_epochs * spe
-    # one loader iterator for the whole run: its worker processes start once (batch g of the stream is
-    # step g % spe of epoch g // spe, as before), instead of being rebuilt and re-warmed every epoch
-    dataset.set_stream(spe, start_epoch * spe, total_steps)
+
+def _open_batches(cfg: Config, plan: Plan, train_cases: list[PreprocessedCase], patch, batch_size: int,
+                  start_epoch: int, dist_info: DistInfo, device: torch.device) -> tuple[Iterator[dict], int]:
+    """(batches, loader workers): one batch iterator for the whole run (from ``start_epoch``): its worker
+    processes start once (batch g of the stream is step g % spe of epoch g // spe), instead of being rebuilt
+    and re-warmed every epoch."""
+    tc = cfg.train
+    dataset = PatchBatches(train_cases, patch, batch_size, tc.sampling, tc.augment, list(plan.lesion_labels),
+                           seed=cfg.seed, rank=dist_info.rank,
+                           anisotropic_axis=plan.anisotropic_axis)  # the plan's rule, not re-derived from the config
+    dataset.set_stream(tc.steps_per_epoch, start_epoch * tc.steps_per_epoch, tc.epochs * tc.steps_per_epoch)
     workers = resolve_num_workers(tc.num_workers, dist_info.world_size)
     loader = make_loader(dataset, workers, pin_memory=device.type == "cuda")
     # iter() draws the workers' base seed from torch's global RNG; the batches do not use it (they are keyed
@@ -203,135 +317,147 @@ def train(cfg: Config, plan: dict[str, Any], train_cases: list[PreprocessedCase]
     rng_state = torch.get_rng_state()
     batches = iter(loader) if start_epoch < tc.epochs else iter(())
     torch.set_rng_state(rng_state)
-    log.info("training: %d loader worker(s), %s", workers,
-             f"time budget {tc.time_budget_min} min" if budget.enabled else "no time budget")
-
-    def budget_fraction() -> float:
-        """Fraction of the budget used; under DDP the largest over ranks, so all ranks stop together."""
-        frac = budget.fraction()
-        if budget.enabled and dist_info.enabled:
-            t = torch.tensor([frac], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            frac = float(t.item())
-        return frac
-
-    def run_validation(epoch: int, row: dict[str, Any]) -> None:
-        nonlocal best_key, best_epoch, best_metrics, operating_point
-        t_val = time.perf_counter()
-        val = validate(model, val_cases, plan, cfg, device, patch)
-        budget.reserve_s = time.perf_counter() - t_val  # the final validation will take about as long
-        row.update({f"val_{k}": v for k, v in val.metrics.items()})
-        key = (val.metrics["cpm"], val.metrics["dice_lesion"])
-        if key > best_key:
-            best_key, best_epoch, best_metrics, operating_point = key, epoch + 1, dict(val.metrics), val.operating_point
-            _save(best_path, model, optimizer, scaler, epoch, history + [row], cfg, plan, best_key, best_epoch,
-                  best_metrics, operating_point, budget.elapsed_s(), steps_before + steps_done, stopped_by)
-
-    steps_done, epochs_run, stopped_by = 0, start_epoch, "epochs"
-    lr = 0.0
-    if budget.enabled and budget_fraction() >= 1.0:  # resuming a run whose budget is already spent
-        stopped_by, epochs_run = "time_budget", start_epoch
-        log.info("time budget of %s min already spent; nothing to train", tc.time_budget_min)
-    try:
-        for epoch in range(start_epoch, tc.epochs if stopped_by == "epochs" else start_epoch):
-            net.train()
-            sums = {"loss": 0.0, "focal": 0.0, "dice_loss": 0.0}
-            wait = compute = 0.0
-            n = 0
-            t_epoch = t_ready = time.perf_counter()
-            bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step",
-                       disable=not (progress and dist_info.is_main), leave=False)
-            for step in range(spe):
-                # every epoch runs at least one step; then the budget can end it mid-epoch
-                frac = budget_fraction() if budget.enabled else 0.0
-                if step > 0 and frac >= 1.0:
-                    stopped_by = "time_budget"
-                    break
-                batch = next(batches)
-                t_got = time.perf_counter()
-                wait += t_got - t_ready
-                lr = learning_rate(epoch * spe + step, total_steps, tc.optim.lr, tc.optim.schedule, warmup,
-                                   time_fraction=frac)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                image = batch["image"].to(device, non_blocking=True)
-                target = batch["label"].to(device, non_blocking=True)
-                if tc.channels_last:
-                    image = image.contiguous(memory_format=torch.channels_last_3d)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_on else nullcontext():
-                    output = net(image)
-                total, focal, dice = supervised_loss(loss_fn, output, target)
-                scaler.scale(total).backward()
-                if tc.optim.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), tc.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                sums["loss"] += float(total.detach())
-                sums["focal"] += float(focal.detach())
-                sums["dice_loss"] += float(dice.detach())
-                t_ready = time.perf_counter()
-                compute += t_ready - t_got
-                n += 1
-                bar.update()
-                bar.set_postfix(loss=f"{sums['loss'] / n:.4f}")
-                steps_done += 1
-                if stop_after_steps is not None and steps_done >= stop_after_steps:
-                    raise KeyboardInterrupt(f"stopped after {steps_done} steps (test hook)")
-            bar.close()
-            epochs_run = epoch + 1
-            if budget.enabled and budget_fraction() >= 1.0:
-                stopped_by = "time_budget"
-            if dist_info.enabled:  # log the mean loss over every rank's batches, not rank 0's alone
-                keys = ("loss", "focal", "dice_loss")
-                totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: on device
-                torch.distributed.all_reduce(totals)
-                sums = dict(zip(keys, (totals / dist_info.world_size).tolist(), strict=True))
-            elapsed = time.perf_counter() - t_epoch
-            row: dict[str, Any] = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": lr, "steps": n,
-                                   "patches_per_s": n * batch_size * dist_info.world_size / max(elapsed, 1e-9),
-                                   "data_wait_fraction": wait / max(wait + compute, 1e-9), "epoch_time_s": elapsed}
-            if device.type == "cuda":
-                row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-
-            # validate on schedule, and always at the end (the last epoch, or the budget's end)
-            final = epoch + 1 == tc.epochs or stopped_by == "time_budget"
-            if dist_info.is_main and val_cases and ((epoch + 1) % tc.val_every == 0 or final):
-                run_validation(epoch, row)
-            history.append(row)
-            if dist_info.is_main:
-                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-                if log_metrics:
-                    log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, epoch + 1)
-                write_history_csv(out_dir / "train_log.csv", history)  # live progress for `dvc plots` / tail
-                if (epoch + 1) % tc.checkpoint_every == 0 or final:
-                    _save(last_path, model, optimizer, scaler, epoch, history, cfg, plan, best_key, best_epoch,
-                          best_metrics, operating_point, budget.elapsed_s(), steps_before + steps_done, stopped_by)
-            barrier(dist_info)
-            if stopped_by == "time_budget":
-                log.info("time budget of %s min reached after %d steps (epoch %d of %d)", tc.time_budget_min,
-                         steps_before + steps_done, epoch + 1, tc.epochs)
-                break
-    finally:
-        del batches  # ends the loader's worker processes
-
-    # no validation scans: the last model is the best (overwrite: a best.pt left by an earlier run is stale)
-    if dist_info.is_main and (not val_cases or not best_path.exists()):
-        best_epoch = epochs_run
-        _save(best_path, model, optimizer, scaler, epochs_run - 1, history, cfg, plan, best_key, best_epoch,
-              best_metrics, operating_point, budget.elapsed_s(), steps_before + steps_done, stopped_by)
-    return TrainResult(best_epoch, best_metrics, history, operating_point, stopped_by=stopped_by,
-                       steps=steps_before + steps_done, elapsed_s=budget.elapsed_s())
+    return batches, workers
 
 
-def _save(path: Path, model, optimizer, scaler, epoch, history, cfg: Config, plan, best_key, best_epoch,
-          best_metrics, operating_point, elapsed_s: float = 0.0, steps: int = 0, stopped_by: str = "epochs") -> None:
+def _budget_fraction(budget: WallClockBudget, dist_info: DistInfo, device: torch.device) -> float:
+    """Fraction of the budget used; under DDP the largest over ranks, so all ranks stop together."""
+    frac = budget.fraction()
+    if budget.enabled and dist_info.enabled:
+        t = torch.tensor([frac], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        frac = float(t.item())
+    return frac
+
+
+def _train_epoch(run: Trainee, cfg: Config, epoch: int, batches, budget: WallClockBudget, dist_info: DistInfo,
+                 batch_size: int, progress: bool, steps_before: int,
+                 stop_after_steps: int | None) -> tuple[dict[str, Any], int, bool]:
+    """One epoch of ``train.steps_per_epoch`` steps (fewer when the budget ends it): ``(row, steps, ended)``.
+
+    ``row``: the epoch's mean losses (over every rank's batches under DDP), last LR, steps, throughput and
+    data-wait share; ``ended``: the time budget is spent. ``steps_before``: steps of this call so far (the
+    ``stop_after_steps`` test hook counts from the call's start and raises :class:`KeyboardInterrupt`).
+    """
+    from tqdm import tqdm
+
+    tc, device = cfg.train, run.device
+    spe = tc.steps_per_epoch
+    total_steps, warmup = tc.epochs * spe, tc.optim.warmup_epochs * spe
+    run.net.train()
+    sums = {"loss": 0.0, "focal": 0.0, "dice_loss": 0.0}
+    wait = compute = lr = 0.0
+    n = 0
+    ended = False
+    t_epoch = t_ready = time.perf_counter()
+    bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step",
+               disable=not (progress and dist_info.is_main), leave=False)
+    for step in range(spe):
+        # every epoch runs at least one step; then the budget can end it mid-epoch
+        frac = _budget_fraction(budget, dist_info, device) if budget.enabled else 0.0
+        if step > 0 and frac >= 1.0:
+            ended = True
+            break
+        batch = next(batches)
+        t_got = time.perf_counter()
+        wait += t_got - t_ready
+        lr = learning_rate(epoch * spe + step, total_steps, tc.optim.lr, tc.optim.schedule, warmup,
+                           time_fraction=frac)
+        total, focal, dice = _step(run, cfg, batch, lr)
+        sums["loss"] += float(total.detach())
+        sums["focal"] += float(focal.detach())
+        sums["dice_loss"] += float(dice.detach())
+        t_ready = time.perf_counter()
+        compute += t_ready - t_got
+        n += 1
+        bar.update()
+        bar.set_postfix(loss=f"{sums['loss'] / n:.4f}")
+        if stop_after_steps is not None and steps_before + n >= stop_after_steps:
+            raise KeyboardInterrupt(f"stopped after {steps_before + n} steps (test hook)")
+    bar.close()
+    if budget.enabled and _budget_fraction(budget, dist_info, device) >= 1.0:
+        ended = True
+    if dist_info.enabled:  # log the mean loss over every rank's batches, not rank 0's alone
+        keys = ("loss", "focal", "dice_loss")
+        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: on device
+        torch.distributed.all_reduce(totals)
+        sums = dict(zip(keys, (totals / dist_info.world_size).tolist(), strict=True))
+    elapsed = time.perf_counter() - t_epoch
+    row: dict[str, Any] = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": lr, "steps": n,
+                           "patches_per_s": n * batch_size * dist_info.world_size / max(elapsed, 1e-9),
+                           "data_wait_fraction": wait / max(wait + compute, 1e-9), "epoch_time_s": elapsed}
+    if device.type == "cuda":
+        row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return row, n, ended
+
+
+def _step(run: Trainee, cfg: Config, batch: dict[str, torch.Tensor], lr: float):
+    """One optimiser step at learning rate ``lr``: AMP forward, loss, (scaled) backward, clipping, step.
+    Returns ``(total, focal, dice)`` loss tensors."""
+    tc, device, optimizer = cfg.train, run.device, run.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    image = batch["image"].to(device, non_blocking=True)
+    target = batch["label"].to(device, non_blocking=True)
+    if tc.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=run.amp_dtype) if run.amp_dtype is not None else nullcontext():
+        output = run.net(image)
+    total, focal, dice = supervised_loss(run.loss_fn, output, target)
+    run.scaler.scale(total).backward()
+    if tc.optim.grad_clip:
+        run.scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), tc.optim.grad_clip)
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    return total, focal, dice
+
+
+def _validate_and_select(model: nn.Module, val_cases: list[PreprocessedCase], plan: Plan, cfg: Config,
+                         device: torch.device, patch, dist_info: DistInfo, budget: WallClockBudget, epoch: int,
+                         row: dict[str, Any], best: Selection) -> bool:
+    """Validate (under DDP each rank its share of the scans, results gathered: every rank gets the same
+    metrics), add the ``val_`` metrics to ``row`` and update ``best`` when (CPM, Dice) improved; returns
+    whether it did (then the caller writes ``best.pt``)."""
+    from pipeline.training import validate as validation  # looked up per call: tests replace `validate`
+
+    t_val = time.perf_counter()
+    if dist_info.enabled:
+        val = validation.validate_distributed(model, val_cases, plan, cfg, device, patch, dist_info)
+    else:
+        val = validation.validate(model, val_cases, plan, cfg, device, patch)
+    budget.reserve_s = time.perf_counter() - t_val  # the final validation will take about as long
+    row.update({f"val_{k}": v for k, v in val.metrics.items()})
+    key = (val.metrics["cpm"], val.metrics["dice_lesion"])
+    if not key > best.key:  # (not <=: a NaN CPM never counts as an improvement)
+        return False
+    best.key, best.epoch, best.metrics, best.operating_point = key, epoch + 1, dict(val.metrics), val.operating_point
+    return True
+
+
+def _log_epoch(out_dir: Path, history: list[dict[str, Any]],
+               log_metrics: Callable[[dict[str, float], int], None] | None) -> None:
+    """The last row to the log and MLflow, the whole history to ``train_log.csv`` (live progress for
+    ``dvc plots`` / tail)."""
+    row = history[-1]
+    log.info("epoch %d: %s", row["epoch"], ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+    if log_metrics:
+        log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, row["epoch"])
+    write_history_csv(out_dir / "train_log.csv", history)
+
+
+def _save(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          cfg: Config, plan: Plan, record: CheckpointRecord) -> None:
+    """Write a checkpoint (atomically): model / optimiser / scaler / RNG state, the config and plan, and
+    ``record``'s bookkeeping (what :func:`_resume` and the inference side read back)."""
+    best = record.best
     save_checkpoint(path, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "epoch": epoch, "torch_rng": torch.get_rng_state(), "history": history,
-        "config": cfg.to_dict(), "config_flat": cfg.flat(), "plan": plan,
-        "best_key": list(best_key), "best_epoch": best_epoch, "best_metrics": best_metrics,
-        "operating_point": operating_point,
-        "elapsed_s": elapsed_s, "steps": steps, "stopped_by": stopped_by,  # wall-clock budget bookkeeping
+        "epoch": record.epoch, "torch_rng": torch.get_rng_state(), "history": record.history,
+        "config": cfg.to_dict(), "config_flat": cfg.flat(), "plan": plan.to_dict(),
+        "best_key": list(best.key), "best_epoch": best.epoch, "best_metrics": best.metrics,
+        "operating_point": best.operating_point.to_dict() if best.operating_point else None,
+        # wall-clock budget bookkeeping
+        "elapsed_s": record.elapsed_s, "steps": record.steps, "stopped_by": record.stopped_by,
     })

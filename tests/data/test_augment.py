@@ -160,12 +160,6 @@ def test_anisotropic_plan_rotates_and_scales_in_plane_only():
     assert not np.allclose(s.matrix[2], [0, 0, 1])  # isotropic: rotations about all three axes
 
 
-def test_anisotropic_axis_comes_from_the_plan():
-    assert A.anisotropic_axis({"anisotropic": False, "target_spacing_mm": [1, 1, 5]}) is None
-    assert A.anisotropic_axis({"anisotropic": True, "target_spacing_mm": [0.8, 0.8, 5.0]}) == 2
-    assert A.anisotropic_axis({"anisotropic": True, "target_spacing_mm": [5.0, 1, 1], "anisotropic_axis": 0}) == 0
-
-
 def test_bg_factor_draws_half_below_one():
     rng = np.random.default_rng(0)
     draws = np.array([A.bg_factor(rng, 0.7, 1.5) for _ in range(4000)])

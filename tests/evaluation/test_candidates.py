@@ -41,7 +41,7 @@ def test_a_halo_below_peak_over_factor_is_not_part_of_the_candidate():
     labels, scores = dynamic_candidates(p, DynamicExtraction(min_voxels=0, max_lesions=10))
     assert scores.tolist() == [float(np.float32(0.9))]
     assert (labels == 1).sum() == 27
-    static_labels, static = extract_candidates(p, 0.1, (1.0, 1.0, 1.0))
+    static_labels, static = extract_candidates(p, 0.1, np.eye(4))
     assert len(static) == 1 and static.voxels[0] == 343
 
 
@@ -68,7 +68,7 @@ def test_all_components_too_small_gives_the_reference_whole_volume_candidate_whi
     p[2, 2, 2] = p[7, 7, 7] = 0.9
     labels, scores = dynamic_candidates(p)
     assert scores.tolist() == [0.0] and (labels == 1).all()
-    cand_labels, table = extract_candidates(p, 0.1, (1.0, 1.0, 1.0), dynamic=DynamicExtraction())
+    cand_labels, table = extract_candidates(p, 0.1, np.eye(4), dynamic=DynamicExtraction())
     assert len(table) == 0 and not cand_labels.any()
 
 
@@ -89,7 +89,7 @@ def test_max_lesions_caps_stored_candidates_and_rounding_applies_to_scores():
 
 def test_extract_candidates_dynamic_table_scores_and_peaks():
     p = _ball((24, 24, 24), (8, 8, 8), 3.0, 0.8) + _ball((24, 24, 24), (17, 17, 17), 2.5, 0.6)
-    labels, table = extract_candidates(p, 0.1, (2.0, 1.0, 1.0), dynamic=DynamicExtraction())
+    labels, table = extract_candidates(p, 0.1, np.diag([2.0, 1.0, 1.0, 1.0]), dynamic=DynamicExtraction())
     ref_labels, ref_scores = dynamic_candidates(p)
     assert np.array_equal(labels, ref_labels) and np.array_equal(table.score, ref_scores)
     assert table.peak_vox[:2].tolist() == [[8, 8, 8], [17, 17, 17]]

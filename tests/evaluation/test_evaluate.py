@@ -55,7 +55,7 @@ def test_evaluate_cases_by_hand():
     # at 1/8: between (0, 0) and (.25, 0) -> 0; 1/4 -> .4; 1/2 -> .8; 1..8 -> .8
     # the worked answer is the static one (every box is a candidate at the fixed 0.1 level)
     cfg = EvaluationConfig(bootstrap=200, bootstrap_seed=3, extraction="static")
-    r = evaluate_cases([(n, p, g, SPACING) for n, p, g in scans()], cfg, lesion_label=1)
+    r = evaluate_cases([(n, p, g, make_affine(SPACING)) for n, p, g in scans()], cfg, lesion_label=1)
     np.testing.assert_allclose(r.sensitivity_at_fp, [0.0, 0.4, 0.8, 0.8, 0.8, 0.8, 0.8])
     assert r.cpm == pytest.approx((0 + 0.4 + 5 * 0.8) / 7)
     m = r.to_metrics()
@@ -77,11 +77,11 @@ def test_evaluate_cases_by_hand():
 def test_evaluate_cases_label_map_predictions_and_perfect_case():
     gt = box((2, 2, 2), (6, 6, 6), 1, np.zeros(S, np.uint8))
     box((9, 9, 9), (12, 12, 12), 2, gt)
-    r = evaluate_cases([("x", gt.copy(), gt, SPACING)], EvaluationConfig(bootstrap=0))
+    r = evaluate_cases([("x", gt.copy(), gt, make_affine(SPACING))], EvaluationConfig(bootstrap=0))
     assert r.cpm == 1.0 and r.curve.n_lesions == 2
     assert r.to_metrics()["dice"]["lesion"] == 1.0 and r.to_metrics()["cpm_ci95"] is None
     # lesion label 2 only: one lesion; the label-1 region of the prediction is not a candidate
-    r2 = evaluate_cases([("x", gt.copy(), gt, SPACING)], EvaluationConfig(bootstrap=0), lesion_label=2,
+    r2 = evaluate_cases([("x", gt.copy(), gt, make_affine(SPACING))], EvaluationConfig(bootstrap=0), lesion_label=2,
                         class_labels={1: "organ", 2: "lesion"})
     m = r2.to_metrics()
     assert m["lesions_total"] == 1 and m["false_positives_total"] == 0
@@ -107,7 +107,11 @@ def test_evaluate_folders_writes_all_outputs(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["cpm"] == pytest.approx(m["cpm"])
     rows = list(csv.DictReader((out / "froc.csv").open()))
     assert list(rows[0]) == ["threshold", "fps_per_scan", "sensitivity"]
-    assert rows[0]["threshold"] == "inf" and len(rows) == 8
+    # the curve's corners: vertices (FP, TP) (0,0) (1,0) [(1,1)] (1,2) (2,2) [(2,3)] (2,4) (3,4), the
+    # bracketed ones inside vertical runs left out (froc_corners)
+    assert [(r["fps_per_scan"], r["sensitivity"]) for r in rows] == [
+        ("0.0", "0.0"), ("0.25", "0.0"), ("0.25", "0.4"), ("0.5", "0.4"), ("0.5", "0.8"), ("0.75", "0.8")]
+    assert rows[0]["threshold"] == "inf" and float(rows[2]["threshold"]) == pytest.approx(0.8)
     lesions = list(csv.DictReader((out / "lesions.csv").open()))
     assert sum(r["kind"] == "lesion" for r in lesions) == 5
     assert sum(r["kind"] == "candidate" for r in lesions) == 8
@@ -183,9 +187,9 @@ def test_dynamic_extraction_finds_a_haloed_lesion_that_static_misses_and_metrics
     prob = np.zeros(gt.shape, np.float32)
     prob[6:19, 6:19, 6:19] = 0.2
     prob[10:15, 10:15, 10:15] = 0.9
-    static = evaluate_cases([("a", prob, gt, (1.0, 1.0, 1.0))],
+    static = evaluate_cases([("a", prob, gt, np.eye(4))],
                             EvaluationConfig(bootstrap=0, extraction="static"))
-    dynamic = evaluate_cases([("a", prob, gt, (1.0, 1.0, 1.0))],
+    dynamic = evaluate_cases([("a", prob, gt, np.eye(4))],
                              EvaluationConfig(bootstrap=0, extraction="dynamic"))
     assert static.cpm == 0.0 and dynamic.cpm == 1.0
     assert dynamic.cases[0].lesion_iou.tolist() == [1.0]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from pipeline.evaluation.froc import (
     bootstrap_froc,
     cpm,
+    froc_corners,
     froc_curve,
     interpolate_sensitivity,
     operating_points,
@@ -96,7 +97,7 @@ def test_agrees_with_monai_froc_functions(seed):
     scans = _random_scans(seed)
     lesion_scores, fp_scores, m_fp, m_tp, m_n = [], [], [], [], 0
     for name, prob, gt in scans:
-        m = match_case(name, prob, gt, (1, 1, 1), hit_criterion="peak", extraction_threshold=0.1)
+        m = match_case(name, prob, gt, np.eye(4), hit_criterion="peak", extraction_threshold=0.1)
         lesion_scores.append(m.lesion_score)
         fp_scores.append(m.fp_scores)
         labels = cc3d.connected_components(gt, connectivity=26)
@@ -124,7 +125,7 @@ def test_agrees_with_monai_at_least_once():
     for seed in range(6):
         ls = []
         for name, prob, gt in _random_scans(seed):
-            ls.append(match_case(name, prob, gt, (1, 1, 1), hit_criterion="peak").lesion_score)
+            ls.append(match_case(name, prob, gt, np.eye(4), hit_criterion="peak").lesion_score)
         ls = np.concatenate(ls)
         ran += ls.size > 0 and np.isnan(ls).any()
     assert ran >= 3
@@ -215,3 +216,29 @@ def test_properties_monotone_and_bounded(lesion_scores, fp_scores, n_scans):
     np.testing.assert_allclose(s, np.interp(grid, c.fps_per_scan, c.sensitivity))
     assert s[-1] == c.sensitivity[-1]
     assert 0 <= cpm(c, LUNA) <= 1
+
+
+def test_corners_by_hand():
+    # vertices (fp, tp): (0,0) (0,1) (1,1) (2,1) (3,1) (3,2) (3,3) (4,4): the inner points of the
+    # horizontal run tp=1 (fp 1, 2) and of the vertical run fp=3 (tp 2) go
+    c = froc_curve(np.array([0.95, 0.5, 0.45, 0.3, NAN]), np.array([0.9, 0.8, 0.6, 0.3]), n_scans=2)
+    assert c.fp.tolist() == [0, 0, 1, 2, 3, 3, 3, 4] and c.tp.tolist() == [0, 1, 1, 1, 1, 2, 3, 4]
+    assert froc_corners(c).tolist() == [0, 1, 4, 6, 7]
+    # no lesions: NaN sensitivity is one horizontal run -> first and last vertex
+    assert froc_corners(froc_curve(np.array([]), np.array([0.9, 0.5, 0.2]), n_scans=1)).tolist() == [0, 3]
+    assert froc_corners(froc_curve(np.array([NAN]), np.array([]), n_scans=1)).tolist() == [0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_corners_read_exactly_like_the_full_curve(seed):
+    rng = np.random.default_rng(seed)
+    les = np.round(rng.random(rng.integers(1, 40)), 2)
+    les[rng.random(les.size) < 0.3] = NAN
+    fps = np.round(rng.random(rng.integers(0, 3000)) ** 3, 3)  # many FPs, ties with lesions
+    c = froc_curve(les, fps, n_scans=int(rng.integers(1, 9)))
+    k = froc_corners(c)
+    assert k[0] == 0 and k[-1] == c.fp.size - 1 and np.all(np.diff(k) > 0)
+    x = np.unique(np.r_[c.fps_per_scan, c.fps_per_scan + 1e-3, rng.random(200) * 10, LUNA])
+    full = interpolate_sensitivity(c.fps_per_scan, c.sensitivity, x)
+    thin = interpolate_sensitivity(c.fps_per_scan[k], c.sensitivity[k], x)
+    np.testing.assert_array_equal(thin, full)  # bit for bit

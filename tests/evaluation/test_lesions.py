@@ -29,7 +29,7 @@ def box(lo, hi, value=1.0, out=None, dtype=np.float32):
 
 
 def run(prob, gt, **kw):
-    return match_case("scan", prob, gt.astype(bool), (1.0, 1.0, 1.0), **kw)
+    return match_case("scan", prob, gt.astype(bool), np.eye(4), **kw)
 
 
 def test_perfect_prediction_hits_every_lesion_with_no_fp():
@@ -112,7 +112,7 @@ def test_extraction_threshold_is_inclusive_and_26_connected():
     prob[5, 5, 5] = 0.1  # == threshold: a candidate voxel
     prob[6, 6, 6] = 0.4  # diagonal neighbour: same component (26-connectivity)
     prob[9, 9, 9] = 0.0999  # below the threshold
-    _, table = extract_candidates(prob, 0.1, (1.0, 1.0, 2.0))
+    _, table = extract_candidates(prob, 0.1, np.diag([1.0, 1.0, 2.0, 1.0]))
     assert len(table) == 1
     assert table.voxels[0] == 2
     assert table.score[0] == pytest.approx(0.4)
@@ -125,7 +125,7 @@ def test_extraction_threshold_is_inclusive_and_26_connected():
 def test_mean_score():
     prob = box((2, 2, 2), (4, 2 + 1, 2 + 1), 0.2)
     prob[3, 2, 2] = 0.6
-    _, table = extract_candidates(prob, 0.1, (1, 1, 1), score="mean")
+    _, table = extract_candidates(prob, 0.1, np.eye(4), score="mean")
     assert table.score[0] == pytest.approx(0.4)
 
 
@@ -165,7 +165,7 @@ def test_label_map_prediction_gives_score_one():
     box((10, 10, 10), (12, 12, 12), 1, out=pred)
     mask, is_label = lesion_score_map(pred, lesion_label=2)
     assert is_label and mask.sum() == 27
-    m = match_case("s", mask, box((2, 2, 2), (5, 5, 5), dtype=bool), (1, 1, 1), is_label_map=True)
+    m = match_case("s", mask, box((2, 2, 2), (5, 5, 5), dtype=bool), np.eye(4), is_label_map=True)
     np.testing.assert_array_equal(m.candidates.score, [1.0])
     assert m.lesion_score[0] == 1.0
     mask_any, _ = lesion_score_map(pred, None)
@@ -219,7 +219,7 @@ def test_many_components_are_handled_in_one_pass():
     prob = (rng.random((48, 48, 48)) > 0.97).astype(np.float32) * rng.random((48, 48, 48)).astype(np.float32)
     gt = np.zeros(prob.shape, bool)
     gt[20:30, 20:30, 20:30] = True
-    m = match_case("noise", prob, gt, (1, 1, 1), extraction_threshold=0.01)
+    m = match_case("noise", prob, gt, np.eye(4), extraction_threshold=0.01)
     assert len(m.candidates) > 1000
     n_fp = int(np.count_nonzero(m.candidate_outcome == FP))
     assert n_fp + int(np.count_nonzero(m.candidate_outcome != FP)) == len(m.candidates)
@@ -236,3 +236,14 @@ def test_top_k_equals_stable_argsort(seed):
         np.testing.assert_array_equal(top_k(scores, k), want)
     scores[[3, 40]] = np.nan
     np.testing.assert_array_equal(top_k(scores, 50), np.sort(np.argsort(-scores, kind="stable")[:50]))
+
+
+def test_geometry_is_an_affine_only():
+    """One meaning for the geometry argument: a 4x4 affine; a bare spacing is refused with the fix."""
+    from pipeline.evaluation.lesions import check_affine
+
+    with pytest.raises(ValueError, match=r"4x4 voxel-to-world affine.*make_affine"):
+        match_case("s", np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), bool), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="non-singular"):
+        check_affine(np.zeros((4, 4)))
+    assert check_affine(np.diag([0.8, 0.8, 2.5, 1])).dtype == np.float64

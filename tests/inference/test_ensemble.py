@@ -12,11 +12,12 @@ import torch
 
 from pipeline.cli import main as cli_main
 from pipeline.config import Config, InferenceConfig, config_from_dict
+from pipeline.contracts import OperatingPoint, Plan
 from pipeline.inference.ensemble import load_ensemble, mean_operating_point
-from pipeline.inference.predict import load_model
+from pipeline.inference.loaded_model import load_model
 from pipeline.inference.sliding_window import predict_probabilities
 from pipeline.io import Volume, make_affine, read_volume, write_volume
-from pipeline.training.checkpoint import CheckpointError
+from pipeline.model.checkpoint import CheckpointError
 
 from .tiny_model import random_checkpoint, tiny_plan
 
@@ -25,12 +26,12 @@ TINY = {"data": {"synthetic": {"n_cases": 3, "shape": [40, 36, 12], "lesion_free
         "tracking": {"enabled": False}, "inference": {"overlap": 0.25, "tta_mirror": False}}
 
 
-def _checkpoint(path: Path, seed: int, threshold: float | None, plan: dict) -> Path:
+def _checkpoint(path: Path, seed: int, threshold: float | None, plan: Plan) -> Path:
     return random_checkpoint(path, config_from_dict(TINY), plan, seed, threshold)
 
 
 @pytest.fixture(scope="module")
-def plan(tmp_path_factory) -> dict:
+def plan(tmp_path_factory) -> Plan:
     """A real plan (fingerprint + planner) of a tiny synthetic data set: predict preprocesses with it."""
     root = tmp_path_factory.mktemp("ensemble_data")
     return tiny_plan(config_from_dict({**TINY, "paths": {"raw": str(root / "raw")}}))
@@ -55,20 +56,26 @@ def test_ensemble_probabilities_are_the_mean_of_the_members(checkpoints, plan):
     assert not torch.allclose(pa, pb)  # two different networks
     ensemble = load_ensemble([a, b], "cpu")
     torch.testing.assert_close(ensemble.probabilities(image, inference), (pa + pb) / 2, rtol=0, atol=1e-7)
-    assert ensemble.operating_point == {"threshold": pytest.approx(0.5), "members": 2}
+    assert ensemble.operating_point.threshold == pytest.approx(0.5)
     assert ensemble.plan == plan and ensemble.lesion_labels == [2]
-    assert ensemble.patch_size == tuple(plan["patch_size"])
+    assert ensemble.patch_size == plan.patch_size
+
+
+def _op(threshold, fps=1.0, sensitivity=0.5) -> OperatingPoint:
+    return OperatingPoint(target_fp_rate=1.0, threshold=threshold, fps_per_scan=fps, sensitivity=sensitivity)
 
 
 def test_mean_operating_point_skips_members_without_a_threshold():
-    assert mean_operating_point([{"threshold": 0.2}, None, {"threshold": None}, {"threshold": 0.4}]) == {
-        "threshold": pytest.approx(0.3), "members": 2}
-    assert mean_operating_point([None, {"threshold": float("nan")}]) is None
+    """Mean threshold, FP rate and sensitivity over the members with a finite threshold."""
+    mean = mean_operating_point([_op(0.2, 0.5, 0.6), None, _op(float("inf")), _op(0.4, 1.5, 0.8)])
+    assert mean.threshold == pytest.approx(0.3) and mean.fps_per_scan == 1.0 and mean.sensitivity == pytest.approx(0.7)
+    assert mean.target_fp_rate == 1.0 and mean.tp is None
+    assert mean_operating_point([None, _op(float("nan"))]) is None
 
 
 def test_checkpoints_of_another_plan_cannot_be_ensembled(checkpoints, plan, tmp_path):
     a, _ = checkpoints
-    other = _checkpoint(tmp_path / "other.pt", 2, 0.5, {**plan, "target_spacing_mm": [1.1, 1.2, 3.3]})
+    other = _checkpoint(tmp_path / "other.pt", 2, 0.5, plan.model_copy(update={"target_spacing_mm": (1.1, 1.2, 3.3)}))
     with pytest.raises(CheckpointError, match=r"other\.pt cannot be ensembled with .*a\.pt: preprocessing plans "
                                               r"differ \(target_spacing_mm\)"):
         load_ensemble([a, other], "cpu")

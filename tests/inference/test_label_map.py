@@ -12,8 +12,10 @@ from pipeline.config import Config, EvaluationConfig
 from pipeline.evaluation.lesions import match_case
 from pipeline.inference.label_map import candidate_label_map
 from pipeline.inference.sliding_window import lesion_probability, predict_probabilities
+from pipeline.io.volume import make_affine
 from pipeline.training.data import PreprocessedCase
 from pipeline.training.validate import validate
+from tests.contract_examples import plan_with
 
 SHAPE = (40, 40, 24)
 LESION = 2
@@ -56,23 +58,24 @@ def test_label_map_has_the_operating_points_fp_rate_and_sensitivity(extraction, 
     })
     cases = [_scan(s) for s in range(6)]
     model, device = nn.Identity(), torch.device("cpu")
-    op = validate(model, cases, {"lesion_labels": [LESION]}, cfg, device, SHAPE).operating_point
-    assert op is not None and op["threshold"] is not None
+    op = validate(model, cases, plan_with(lesion_labels=[LESION]), cfg, device, SHAPE).operating_point
+    assert op is not None and op.score_threshold is not None
 
     tp = fp = lesions = 0
     for case in cases:
         probs = predict_probabilities(model, torch.from_numpy(case.image), SHAPE, cfg.inference, "softmax", device)
         lesion = lesion_probability(probs, [LESION], "softmax").numpy()
-        labels = candidate_label_map(probs.numpy(), lesion, [LESION], cfg.evaluation, op["threshold"])
+        labels = candidate_label_map(probs.numpy(), lesion, [LESION], cfg.evaluation, op.score_threshold)
         assert set(np.unique(labels)) <= {0, LESION}  # the non-lesion argmax is background here
-        m = match_case(case.case_id, labels == LESION, case.label == LESION, case.spacing_mm, is_label_map=True,
+        m = match_case(case.case_id, labels == LESION, case.label == LESION, make_affine(case.spacing_mm),
+                       is_label_map=True,
                        hit_criterion=cfg.evaluation.hit_criterion, iou_threshold=cfg.evaluation.iou_threshold)
         tp += int(np.count_nonzero(~np.isnan(m.lesion_score)))
         fp += int(np.count_nonzero(m.candidate_outcome == 0))
         lesions += m.n_lesions
     assert 0 < tp < lesions  # a non-trivial operating point: some lesions missed
-    assert fp / len(cases) == pytest.approx(op["fps_per_scan"], abs=1e-12)
-    assert tp / lesions == pytest.approx(op["sensitivity"], abs=1e-12)
+    assert fp / len(cases) == pytest.approx(op.fps_per_scan, abs=1e-12)
+    assert tp / lesions == pytest.approx(op.sensitivity, abs=1e-12)
     assert fp / len(cases) <= rate
 
 

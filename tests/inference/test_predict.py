@@ -15,9 +15,10 @@ from scipy.spatial.transform import Rotation
 
 from pipeline.config import Config, EvaluationConfig, config_from_dict
 from pipeline.inference.label_map import candidate_label_map
-from pipeline.inference.predict import load_model, predict_paths
+from pipeline.inference.loaded_model import load_model
 from pipeline.io import Volume, make_affine, read_volume, write_volume
-from pipeline.training.checkpoint import CheckpointError
+from pipeline.model.checkpoint import CheckpointError
+from pipeline.stages.predict import run as predict_paths
 
 from .tiny_model import random_checkpoint, tiny_plan
 

@@ -4,15 +4,15 @@ geometry, shapes, formats or averaging; only the plan and the config travel with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from pipeline.config import Config
-from pipeline.training.checkpoint import save_checkpoint
+from pipeline.contracts import OperatingPoint, Plan
+from pipeline.model.checkpoint import save_checkpoint
 
 
-def tiny_plan(cfg: Config) -> dict[str, Any]:
+def tiny_plan(cfg: Config) -> Plan:
     """Write ``cfg``'s synthetic data set to ``cfg.paths.raw`` and plan it (fingerprint + planner)."""
     from pipeline.data.synthetic import write_synthetic_dataset
     from pipeline.io.dataset import load_dataset
@@ -24,13 +24,16 @@ def tiny_plan(cfg: Config) -> dict[str, Any]:
     return make_plan(compute_fingerprint(ds, [c.case_id for c in ds.training], cfg.data, 1), ds, cfg)
 
 
-def random_checkpoint(path: Path, cfg: Config, plan: dict[str, Any], seed: int = 0,
+def random_checkpoint(path: Path, cfg: Config, plan: Plan, seed: int = 0,
                       threshold: float | None = 0.5) -> Path:
-    """Save a freshly initialised 1-channel network (``torch.manual_seed(seed)``) as a ``best.pt``."""
+    """Save a freshly initialised 1-channel network (``torch.manual_seed(seed)``) as a ``best.pt``, with an
+    operating point at ``threshold`` (None: no candidate on validation, stored as null)."""
     from pipeline.model.factory import build_model
 
     torch.manual_seed(seed)
-    model = build_model(cfg.train.model, plan, 1, int(plan["n_classes"]))
-    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "plan": plan,
-                           "operating_point": {"threshold": threshold}})
+    model = build_model(cfg.train.model, plan.network, 1, plan.n_classes)
+    op = OperatingPoint(target_fp_rate=1.0, threshold=float("inf") if threshold is None else threshold,
+                        fps_per_scan=1.0, sensitivity=0.5)
+    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "plan": plan.to_dict(),
+                           "operating_point": op.to_dict()})
     return path

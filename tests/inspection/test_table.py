@@ -49,11 +49,13 @@ def test_hit_candidates_on_request():
 
 def test_operating_threshold_rounded_like_the_csv():
     """The operating point at the lowest FP's score counts that FP although the CSV kept 6 digits."""
-    metrics = {"operating_point": {"threshold": 0.38693147897720337}}
+    op = {"target_fp_rate": 1.0, "threshold": 0.38693147897720337, "fps_per_scan": 0.5, "sensitivity": 0.5}
+    metrics = {"operating_point": op}
     assert T.operating_threshold(metrics) == pytest.approx(0.386931478977)
     t = T.lesion_table(lesions_csv(), T.operating_threshold(metrics))
     assert t.loc[(t["scan"] == "a") & (t["kind"] == "FP"), "at_operating_point"].item()
-    assert T.operating_threshold({"operating_point": {"threshold": None}}) is None
+    assert T.operating_threshold({"operating_point": {**op, "threshold": None}}) is None  # no candidate at all
+    assert T.operating_threshold({}) is None
 
 
 def test_helpers_sort_and_filter():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.contracts import NetworkPlan
 from pipeline.model.factory import (
     build_model,
     deep_supervision_heads,
@@ -22,14 +23,15 @@ from pipeline.model.factory import (
 MODEL_NAMES = typing.get_args(ModelConfig.model_fields["name"].annotation)
 
 
-def plan(n_stages: int = 4, filters=None) -> dict:
-    """A plan as make_plan writes it for 0.8 x 0.8 x 2.5 mm data: z is not pooled at the first downsampling."""
+def plan(n_stages: int = 4, filters=None) -> NetworkPlan:
+    """A plan's network part as make_plan writes it for 0.8 x 0.8 x 2.5 mm data: z is not pooled at the first
+    downsampling."""
     strides = [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1]][:n_stages]
     kernels = [[3, 3, 1]] + [[3, 3, 3]] * (n_stages - 1)
     net = {"strides": strides, "kernel_sizes": kernels}
     if filters is not None:
         net["filters"] = filters
-    return {"network": net}
+    return NetworkPlan.from_dict(net)
 
 
 def tiny(name: str, **kw) -> ModelConfig:
@@ -107,7 +109,7 @@ def test_filters_from_the_plan_or_the_config():
 
 
 def test_a_plan_without_a_full_resolution_stage_is_refused():
-    bad = {"network": {"strides": [[2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 2}}
+    bad = {"strides": [[2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 2}  # the JSON form is accepted too
     with pytest.raises(ValueError, match=r"first stage has stride \[2, 2, 2\]"):
         network_layout(ModelConfig(), bad)
 

@@ -131,7 +131,7 @@ def test_every_model_option_of_the_factory_starts_at_the_prior(name, num_res_uni
                         "kernel_sizes": [[3, 3, 1]] + [[3, 3, 3]] * 4}}
     torch.manual_seed(0)
     net = build_model(ModelConfig(name=name, base_filters=4, max_filters=16, num_res_units=num_res_units),
-                      plan, 1, 3)
+                      plan["network"], 1, 3)
     heads = find_head_convs(net)
     assert len(heads) == (3 if name == "dynunet" else 1)  # main + 2 supervision heads (5 stages)
     init_prior_bias(net, PI, "softmax", 3, lesion_classes=(LESION,))

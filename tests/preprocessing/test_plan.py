@@ -56,11 +56,16 @@ def default_like(n=30):
     return fingerprint([(0.8, 0.8, 2.5)] * n, [(128, 128, 40)] * n)
 
 
+def planned(*args) -> dict:
+    """make_plan's Plan as the JSON dict plan.json holds."""
+    return make_plan(*args).to_dict()
+
+
 def test_target_spacing_anisotropic_axis_uses_10th_percentile():
     """Median z 5.0 mm > 3 x 0.8 mm: z takes the 10th percentile of [3, 4, 5 x 9] = 4.0 mm."""
     spacings = [(0.8, 0.8, 3.0), (0.8, 0.8, 4.0)] + [(0.8, 0.8, 5.0)] * 9
     assert target_spacing(np.array(spacings)) == pytest.approx([0.8, 0.8, 4.0])
-    plan = make_plan(fingerprint(spacings, [(128, 128, 30)] * 11), dataset(), config_from_dict({}))
+    plan = planned(fingerprint(spacings, [(128, 128, 30)] * 11), dataset(), config_from_dict({}))
     assert plan["target_spacing_mm"] == pytest.approx([0.8, 0.8, 4.0]) and plan["anisotropic"]
 
 
@@ -78,7 +83,7 @@ def test_target_spacing_never_finer_than_the_other_axes():
 
 def test_default_data_cpu_budget():
     """CPU budget 0.25 M voxels: patch 64 x 80 x 24 (median 128 x 128 x 40), batch 2, 5 stages, 8..128 filters."""
-    plan = make_plan(default_like(), dataset(), config_from_dict({}))
+    plan = planned(default_like(), dataset(), config_from_dict({}))
     assert plan["budget"]["kind"] == "cpu" and plan["budget"]["requested"] == "auto"
     assert plan["target_spacing_mm"] == pytest.approx([0.8, 0.8, 2.5])
     assert plan["median_shape"] == [128, 128, 40]
@@ -96,7 +101,7 @@ def test_default_data_cpu_budget():
 
 def test_gpu_budget_takes_the_whole_median_shape():
     cfg = config_from_dict({"preprocess": {"memory_budget": "gpu", "gpu_budget_gb": 10}})
-    plan = make_plan(default_like(), dataset(), cfg)
+    plan = planned(default_like(), dataset(), cfg)
     assert plan["patch_size"] == [128, 128, 40] and plan["batch_size"] >= 2
     assert np.prod(plan["patch_size"]) * plan["batch_size"] <= plan["budget"]["voxels"]
     assert plan["network"]["filters"] == [32, 64, 128, 256, 320, 320]  # nnU-Net's width, 6 stages
@@ -109,7 +114,7 @@ def test_auto_budget_plans_for_the_gpu_when_cuda_is_present(monkeypatch):
     assert resolve_budget_kind("auto", cuda_available=False) == "cpu"
     assert resolve_budget_kind("cpu", cuda_available=True) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    plan = make_plan(default_like(), dataset(), config_from_dict({}))
+    plan = planned(default_like(), dataset(), config_from_dict({}))
     assert plan["budget"] == {"kind": "gpu", "requested": "auto", "voxels": pytest.approx(10e9 / (64 * 32)),
                               "patch_voxels_x_batch": 128 * 128 * 40 * 2}
     assert plan["network"]["filters"] == [32, 64, 128, 256, 320, 320]
@@ -120,7 +125,7 @@ def test_gpu_plan_for_1mm_brain_mri_is_nnunet_sized():
     6 stages, 32..320 filters for them (its VRAM model). Ours: the same number of voxels within 25 %, same
     depth and width."""
     fp = fingerprint([(1.0, 1.0, 1.0)] * 4, [(160, 192, 160)] * 4)
-    plan = make_plan(fp, dataset(channels=("FLAIR",)), config_from_dict({"preprocess": {"memory_budget": "gpu"}}))
+    plan = planned(fp, dataset(channels=("FLAIR",)), config_from_dict({"preprocess": {"memory_budget": "gpu"}}))
     assert abs(np.prod(plan["patch_size"]) / (112 * 160 * 128) - 1) < 0.25, plan["patch_size"]
     assert plan["batch_size"] == 2
     assert plan["network"]["filters"] == [32, 64, 128, 256, 320, 320]
@@ -129,10 +134,10 @@ def test_gpu_plan_for_1mm_brain_mri_is_nnunet_sized():
 
 def test_cpu_width_and_config_override():
     cfg = config_from_dict({"preprocess": {"cpu_base_filters": 16, "cpu_max_filters": 64}})
-    assert make_plan(default_like(), dataset(), cfg)["network"]["filters"] == [16, 32, 64, 64, 64]
+    assert planned(default_like(), dataset(), cfg)["network"]["filters"] == [16, 32, 64, 64, 64]
     cfg = config_from_dict({"preprocess": {"memory_budget": "gpu"}, "train": {"model": {"base_filters": 4,
                                                                                          "max_filters": 16}}})
-    plan = make_plan(default_like(), dataset(), cfg)
+    plan = planned(default_like(), dataset(), cfg)
     assert plan["network"]["filters"] == [4, 8, 16, 16, 16, 16]  # 128 x 128 x 40: 6 stages
     assert plan["budget"]["voxels"] == pytest.approx(10e9 / (64 * 4))  # the GPU budget follows the width
 
@@ -143,7 +148,7 @@ def test_patch_within_budget_and_median_shape(budget):
     cfg = config_from_dict(
         {"preprocess": {"target_spacing_mm": [1.5, 1.5, 1.5], "cpu_budget_mvoxels": budget}}
     )
-    plan = make_plan(fp, dataset(), cfg)
+    plan = planned(fp, dataset(), cfg)
     assert plan["median_shape"] == [239, 239, 300]
     patch = plan["patch_size"]
     assert all(16 <= p <= m for p, m in zip(patch, plan["median_shape"], strict=True))
@@ -152,7 +157,7 @@ def test_patch_within_budget_and_median_shape(budget):
 
 def test_patch_never_exceeds_a_tiny_median_shape():
     """Scans of 12 x 12 x 8 voxels: the patch is the whole scan (below 16 where the image is smaller)."""
-    plan = make_plan(fingerprint([(1.0, 1.0, 1.0)] * 3, [(12, 12, 8)] * 3), dataset(), config_from_dict({}))
+    plan = planned(fingerprint([(1.0, 1.0, 1.0)] * 3, [(12, 12, 8)] * 3), dataset(), config_from_dict({}))
     assert plan["patch_size"] == [12, 12, 8]
 
 
@@ -160,7 +165,7 @@ def test_overrides():
     cfg = config_from_dict(
         {"preprocess": {"target_spacing_mm": [1.0, 1.0, 2.0], "patch_size": [96, 96, 200], "batch_size": 3}}
     )
-    plan = make_plan(default_like(), dataset(), cfg)
+    plan = planned(default_like(), dataset(), cfg)
     assert plan["target_spacing_mm"] == [1.0, 1.0, 2.0]
     assert plan["median_shape"] == [102, 102, 50]
     assert plan["patch_size"] == [96, 96, 48]  # z clipped to the median 50, then divisible by 2**3
@@ -168,18 +173,18 @@ def test_overrides():
 
 
 def test_depth_from_config_limits_the_stages():
-    plan = make_plan(default_like(), dataset(), config_from_dict({"train": {"model": {"depth": 3}}}))
+    plan = planned(default_like(), dataset(), config_from_dict({"train": {"model": {"depth": 3}}}))
     assert len(plan["network"]["strides"]) == 3 and len(plan["network"]["filters"]) == 3
 
 
 def test_intensity_ct_and_zscore():
     """CT: clip at the pooled foreground 0.5 / 99.5 percentiles (-98.5 / 198.5 HU), mean 50, std 80."""
-    plan = make_plan(default_like(), dataset(), config_from_dict({}))
+    plan = planned(default_like(), dataset(), config_from_dict({}))
     assert plan["intensity"] == [
         {"scheme": "ct", "clip": pytest.approx([-98.5, 198.5]), "mean": 50.0, "std": 80.0}
     ]
     fp = fingerprint([(1.0, 1.0, 1.0)] * 3, [(64, 64, 64)] * 3, n_channels=2)
-    plan = make_plan(fp, dataset(channels=("T2", "ADC")), config_from_dict({}))
+    plan = planned(fp, dataset(channels=("T2", "ADC")), config_from_dict({}))
     assert [c["scheme"] for c in plan["intensity"]] == ["zscore", "zscore"]
     assert plan["intensity"][0]["clip"] is None and plan["intensity"][0]["mean"] is None
 

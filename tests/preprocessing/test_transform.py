@@ -11,12 +11,14 @@ import pytest
 import scipy.ndimage as ndi
 
 from pipeline.config import PreprocessConfig
+from pipeline.contracts import CaseRecord
 from pipeline.io.volume import Volume, make_affine
 from pipeline.preprocessing.crop import nonzero_box
 from pipeline.preprocessing.normalize import normalize_, resolve_schemes
 from pipeline.preprocessing.orient import canonical_ornt, from_canonical, to_canonical
 from pipeline.preprocessing.resample import interp_matrix, resample_array, resample_labels
 from pipeline.preprocessing.transform import invert_case, preprocess_case
+from tests.contract_examples import plan_with
 
 from .phantoms import dice, oblique_affine, phantom
 
@@ -24,7 +26,7 @@ CT = {"scheme": "ct", "clip": [-100.0, 200.0], "mean": 50.0, "std": 25.0}
 
 
 def plan_for(target, n_channels=1, scheme=CT):
-    return {"n_classes": 3, "target_spacing_mm": list(target), "intensity": [dict(scheme)] * n_channels}
+    return plan_with(n_classes=3, target_spacing_mm=list(target), intensity=[dict(scheme)] * n_channels)
 
 
 # ------------------------------------------------------------------------------------------ exact inverse
@@ -39,10 +41,10 @@ def test_label_round_trip_oblique_anisotropic(target, min_dice):
     affine = oblique_affine()
     image, label = phantom((64, 60, 24), affine, zero_border=2)
     _, lab, record = preprocess_case(image, label, plan_for(target), PreprocessConfig())
-    json.dumps(record)  # JSON-serialisable
-    assert record["original"]["axcodes"] != "RAS" and record["orientation"]["axcodes"] == "RAS"
-    assert record["crop"]["box"] != [[0, n] for n in record["orientation"]["shape"]]  # the border was cropped
-    assert record["resample"]["lowres_axis"] == 2 and record["resample"]["image_orders"] == [3, 3, 1]
+    record = CaseRecord.from_json(json.dumps(record.to_dict()))  # through JSON, as the stage stores it
+    assert record.original.axcodes != "RAS" and record.orientation.axcodes == "RAS"
+    assert record.crop.box != tuple((0, n) for n in record.orientation.shape)  # the border was cropped
+    assert record.resample.lowres_axis == 2 and record.resample.image_orders == (3, 3, 1)
     back = invert_case(lab, record, "label")
     assert back.shape == image.shape and back.data.dtype == np.uint8
     np.testing.assert_allclose(back.affine, image.affine, rtol=0, atol=1e-6)
@@ -57,7 +59,7 @@ def test_label_round_trip_is_exact_on_the_scan_own_spacing():
     affine = oblique_affine()
     image, label = phantom((64, 60, 24), affine, zero_border=2)
     _, lab, record = preprocess_case(image, label, plan_for((0.9, 0.85, 3.0)), PreprocessConfig())
-    assert record["resample"]["shape"] == record["crop"]["shape"]
+    assert record.resample.shape == record.crop.shape
     back = invert_case(lab, record, "label")
     assert np.array_equal(back.data, label.data) and np.array_equal(back.affine, affine)
 
@@ -69,14 +71,14 @@ def test_probability_round_trip_multichannel():
     affine = oblique_affine()
     image, label = phantom((64, 60, 24), affine, zero_border=3)
     _, lab, record = preprocess_case(image, label, plan_for((0.8, 0.8, 2.5)), PreprocessConfig())
-    probs = np.stack([lab == k for k in range(3)]).astype(np.float32)
+    probs = np.stack([lab.data[0] == k for k in range(3)]).astype(np.float32)
     back = invert_case(probs, record, "prob")
     assert back.data.shape == (3, *image.shape) and back.data.dtype == np.float32
     assert np.array_equal(back.affine, image.affine)
     np.testing.assert_allclose(back.data.sum(axis=0), 1.0, atol=1e-5)
-    box_mask = np.zeros(record["orientation"]["shape"], bool)
-    box_mask[tuple(slice(lo, hi) for lo, hi in record["crop"]["box"])] = True
-    outside = ~from_canonical(box_mask[None], np.asarray(record["orientation"]["ornt"]))[0]
+    box_mask = np.zeros(record.orientation.shape, bool)
+    box_mask[tuple(slice(lo, hi) for lo, hi in record.crop.box)] = True
+    outside = ~from_canonical(box_mask[None], np.asarray(record.orientation.ornt))[0]
     assert outside.any() and np.all(back.data[0][outside] == 1) and np.all(back.data[1:, outside] == 0)
     for k in (1, 2):
         assert dice(back.data.argmax(0) == k, label.data[0] == k) >= 0.99
@@ -92,8 +94,8 @@ def test_multichannel_image_zscore_round_trip():
     two = Volume(np.concatenate([image.data.astype(np.float32), second]), affine)
     plan = plan_for((1.5, 1.5, 1.5), 2, {"scheme": "zscore", "clip": None, "mean": None, "std": None})
     img, lab, record = preprocess_case(two, label, plan, PreprocessConfig())
-    assert img.shape[0] == 2 and img.dtype == np.float32 and img.flags.c_contiguous
-    assert [p["masked"] for p in record["intensity"]] == [True, True]
+    assert img.n_channels == 2 and img.data.dtype == np.float32 and img.data.flags.c_contiguous
+    assert [p.masked for p in record.intensity] == [True, True]
     back = invert_case(lab, record, "label")
     assert np.array_equal(back.affine, affine)
     assert dice(back.data[0] > 0, label.data[0] > 0) >= 0.97  # 1.5x coarser, organ r = 10-14 mm
@@ -105,23 +107,24 @@ def test_geometry_of_preprocessed_grid():
     affine = oblique_affine()
     image, label = phantom((64, 60, 24), affine, zero_border=2)
     _, lab, record = preprocess_case(image, label, plan_for((1.0, 1.0, 2.5)), PreprocessConfig())
-    new_affine = np.asarray(record["affine"])
-    crop_affine = np.asarray(record["crop"]["affine"])
+    new_affine = record.affine_array
+    crop_affine = np.asarray(record.crop.affine)
 
     def centre(aff, shape):
         return (np.asarray(shape) - 1) / 2 @ aff[:3, :3].T + aff[:3, 3]
 
     np.testing.assert_allclose(
-        centre(new_affine, record["shape"]), centre(crop_affine, record["crop"]["shape"]), atol=1e-9
+        centre(new_affine, record.shape), centre(crop_affine, record.crop.shape), atol=1e-9
     )
     np.testing.assert_allclose(
-        np.asarray(record["spacing_mm"]) * record["shape"],
-        np.asarray(record["orientation"]["spacing_mm"]) * record["crop"]["shape"],
+        np.asarray(record.spacing_mm) * record.shape,
+        np.asarray(record.orientation.spacing_mm) * record.crop.shape,
         atol=1e-9,
     )
-    assert np.allclose(np.linalg.norm(new_affine[:3, :3], axis=0), record["spacing_mm"])
+    assert np.allclose(np.linalg.norm(new_affine[:3, :3], axis=0), record.spacing_mm)
+    np.testing.assert_array_equal(lab.affine, new_affine)  # the label Volume carries the new grid
     before = np.argwhere(label.data[0] == 2).mean(0) @ affine[:3, :3].T + affine[:3, 3]
-    after = np.argwhere(lab == 2).mean(0) @ new_affine[:3, :3].T + new_affine[:3, 3]
+    after = np.argwhere(lab.data[0] == 2).mean(0) @ new_affine[:3, :3].T + new_affine[:3, 3]
     assert np.linalg.norm(before - after) < 2.5 / 4
 
 
@@ -129,7 +132,7 @@ def test_invert_rejects_wrong_shape():
     image, label = phantom((32, 30, 12), oblique_affine())
     _, lab, record = preprocess_case(image, label, plan_for((1.0, 1.0, 2.5)), PreprocessConfig())
     with pytest.raises(ValueError, match="does not fit the preprocessed grid"):
-        invert_case(lab[:-1], record, "label")
+        invert_case(lab.data[0][:-1], record, "label")
 
 
 # ------------------------------------------------------------------------------------- small lesions
@@ -162,7 +165,7 @@ def test_three_voxel_lesion_survives_through_preprocess_case():
     _, lab, _ = preprocess_case(
         image, Volume(label[None], affine), plan_for((2.0, 2.0, 2.0)), PreprocessConfig()
     )
-    assert lab.shape == (16, 16, 16) and _components(lab) == 1
+    assert lab.shape == (16, 16, 16) and _components(lab.data[0]) == 1
 
 
 @pytest.mark.parametrize(
@@ -231,7 +234,7 @@ def test_ct_through_preprocess_case_hand_computed():
     raw[0, 1:3, 1:3, 1:3] = 100
     img, _, _ = preprocess_case(Volume(raw, affine), None, plan_for((1.0, 1.0, 1.0)), PreprocessConfig())
     expected = np.where(raw == 100, 2.0, -6.0)  # (100 - 50) / 25 and (-100 - 50) / 25
-    np.testing.assert_allclose(img, expected, atol=1e-6)
+    np.testing.assert_allclose(img.data, expected, atol=1e-6)
 
 
 def test_schemes_auto_and_count_check():
@@ -268,9 +271,9 @@ def test_unlabelled_scan_crops_from_image_alone():
     affine = oblique_affine()
     image, _ = phantom((40, 36, 16), affine, organ_radii_mm=(12, 10, 14), lesions=(), zero_border=3)
     _, lab, record = preprocess_case(image, None, plan_for((1.0, 1.0, 2.5)), PreprocessConfig())
-    assert lab is None and record["has_label"] is False
-    assert [hi - lo for lo, hi in record["crop"]["box"]] == record["crop"]["shape"]
-    assert record["crop"]["shape"] != record["orientation"]["shape"]
+    assert lab is None and record.has_label is False
+    assert tuple(hi - lo for lo, hi in record.crop.box) == record.crop.shape
+    assert record.crop.shape != record.orientation.shape
 
 
 def test_separable_cubic_equals_scipy_zoom():

@@ -294,8 +294,8 @@ def test_preprocess_and_inverse_keep_geometry_exactly(modality, real_data_dir, t
     case = ds.case(rt.case_id)
     image, label = read_case_image(case), read_case_label(case, rt.remap)
     img_out, lab_out, record = preprocess_case(image, label, plan, cfg.preprocess)
-    assert lab_out is not None and img_out.shape[1:] == lab_out.shape
-    assert (record["resample"]["shape"] != record["crop"]["shape"]) == rt.resampled
+    assert lab_out is not None and img_out.shape == lab_out.shape == record.shape
+    assert (record.resample.shape != record.crop.shape) == rt.resampled
 
     back = invert_case(lab_out, record, "label")
     assert back.shape == image.shape == label.shape

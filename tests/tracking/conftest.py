@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -63,9 +62,32 @@ def store_uri(_template_db, tmp_path) -> str:
 @pytest.fixture
 def closed_port() -> int:
     """A loopback port with nothing listening (connections are refused at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.tracking.mlflow_process import free_port
+
+    return free_port()
+
+
+@pytest.fixture
+def new_tracker(store_uri):
+    """Build an :class:`MlflowTracker` on the test's store (each call: a new one, as a new stage process)."""
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import MlflowTracker, create_tracker
+
+    def make(**cfg):
+        tracker = create_tracker(TrackingConfig(tracking_uri=store_uri, **cfg))
+        assert isinstance(tracker, MlflowTracker)
+        return tracker
+
+    return make
+
+
+@pytest.fixture
+def client(store_uri):
+    """An ``MlflowClient`` of the test's store (runs and registry), to read back what a tracker logged."""
+    import mlflow
+
+    # without registry_uri the client would take the process-wide one, which an earlier test may have set
+    return mlflow.MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
 
 
 @pytest.fixture(scope="session")
@@ -74,15 +96,8 @@ def scan_checkpoint(tmp_path_factory) -> Path:
 
     The weights do not matter for the serving contract (geometry, shapes, formats).
     """
-    import torch
-
     from pipeline.config import config_from_dict
-    from pipeline.data.synthetic import write_synthetic_dataset
-    from pipeline.io.dataset import load_dataset
-    from pipeline.model.factory import build_model
-    from pipeline.preprocessing.fingerprint import compute_fingerprint
-    from pipeline.preprocessing.plan import make_plan
-    from pipeline.training.checkpoint import save_checkpoint
+    from tests.inference.tiny_model import random_checkpoint, tiny_plan
 
     root = tmp_path_factory.mktemp("scan_model")
     cfg = config_from_dict({
@@ -92,12 +107,4 @@ def scan_checkpoint(tmp_path_factory) -> Path:
         "inference": {"overlap": 0.25, "device": "cpu"},
         "paths": {"raw": str(root / "raw")},
     })
-    write_synthetic_dataset(root / "raw", cfg.data.synthetic, progress=False)
-    ds = load_dataset(cfg.data, cfg.paths.raw)
-    plan = make_plan(compute_fingerprint(ds, [c.case_id for c in ds.training], cfg.data, 1), ds, cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg.train.model, plan, 1, int(plan["n_classes"]))
-    path = root / "best.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "plan": plan,
-                           "operating_point": {"threshold": 0.5}})
-    return path
+    return random_checkpoint(root / "best.pt", cfg, tiny_plan(cfg))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pytest
 
 from pipeline.config import config_from_dict
@@ -26,6 +25,18 @@ def make_cfg(tmp_path, store_uri):
         return config_from_dict({"tracking": {"tracking_uri": store_uri, "registered_model": "m"},
                                  "train": train})
     return make
+
+
+@pytest.fixture
+def registry(client):
+    """The store's client, with the registered model ``m`` the train stage registers versions of."""
+    client.create_registered_model("m")
+    return client
+
+
+@pytest.fixture
+def ref_path(tmp_path):
+    return tmp_path / "models" / "mlflow_run.json"
 
 
 def _train(cfg, ref_path, client):
@@ -49,11 +60,9 @@ def _evaluate(cfg, ref_path, cpm):
     return parent, promotion
 
 
-def test_train_and_evaluate_share_one_parent_with_params_and_test_metrics(make_cfg, tmp_path, store_uri):
-    client = mlflow.MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
-    client.create_registered_model("m")
+def test_train_and_evaluate_share_one_parent_with_params_and_test_metrics(make_cfg, ref_path, registry):
+    client = registry
     cfg = make_cfg(epochs=3)
-    ref_path = tmp_path / "models" / "mlflow_run.json"
 
     train_parent = _train(cfg, ref_path, client)
     eval_parent, promotion = _evaluate(cfg, ref_path, 0.62)
@@ -85,12 +94,10 @@ def test_train_and_evaluate_share_one_parent_with_params_and_test_metrics(make_c
     assert client.get_run(smoke_parent).data.tags["model.champion"] == "false"
 
 
-def test_a_failed_evaluation_is_completed_in_the_same_parent(make_cfg, tmp_path, store_uri):
+def test_a_failed_evaluation_is_completed_in_the_same_parent(make_cfg, ref_path, registry):
     """Re-running only evaluate after it failed (train is cached) reuses the training run's parent."""
-    client = mlflow.MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
-    client.create_registered_model("m")
+    client = registry
     cfg = make_cfg(epochs=2)
-    ref_path = tmp_path / "models" / "mlflow_run.json"
     train_parent = _train(cfg, ref_path, client)
     tracker = create_tracker(cfg.tracking)
     with pytest.raises(RuntimeError):
@@ -108,3 +115,11 @@ def test_disabled_tracking_opens_nothing(make_cfg):
     assert open_pipeline_run(tracker, cfg) == (None, None)
     with tracker.start("evaluate") as run:
         assert finish_pipeline_run(run, None, {}, cfg.tracking, {"cpm": 0.9}) is None
+
+
+def test_run_ref_round_trip_and_a_missing_one_names_the_file(tmp_path):
+    ref = {"run_id": "r1", "parent_run_id": None, "model_version": 3}
+    write_run_ref(tmp_path / "models" / "run.json", ref)
+    assert read_run_ref(tmp_path / "models" / "run.json") == ref
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        read_run_ref(tmp_path / "missing.json")

@@ -16,7 +16,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from pipeline.config import TrackingConfig
-from pipeline.inference.predict import load_model, predict_volume
+from pipeline.inference.loaded_model import load_model
+from pipeline.inference.predict import predict_volume
 from pipeline.io import Volume, make_affine, read_volume, write_volume
 from pipeline.tracking import create_tracker
 

@@ -11,11 +11,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +24,7 @@ from scipy.spatial.transform import Rotation
 from pipeline.config import TrackingConfig
 from pipeline.io import make_affine
 from pipeline.tracking import create_tracker
+from tests.tracking.mlflow_process import mlflow_process
 
 pytestmark = pytest.mark.slow
 
@@ -35,67 +32,16 @@ START_TIMEOUT_S = 120
 REQUEST_TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ping(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, the whole process group the server leads (start_new_session=True)."""
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:  # no worker of the group may outlive its leader
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def model_server(model_uri: str, store_uri: str, root: Path) -> Iterator[str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = root / "serve.log"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": store_uri,
            "MLFLOW_REGISTRY_URI": store_uri, "RARE_LESION_DEVICE": "cpu",
            # mlflow execs `uvicorn` by name: the venv's bin must be on PATH even when it is not activated
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_cli) if mlflow_cli.exists() else sys.executable,
-           *([] if mlflow_cli.exists() else ["-m", "mlflow"]),
-           "models", "serve", "-m", model_uri, "--env-manager", "local", "--workers", "1",
-           "--host", "127.0.0.1", "-p", str(port)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _ping(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not start (rc={proc.poll()}):\n"
-                            f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with mlflow_process(lambda port: ["models", "serve", "-m", model_uri, "--env-manager", "local",
+                                      "--workers", "1", "--host", "127.0.0.1", "-p", str(port)],
+                        "/ping", root, env, START_TIMEOUT_S, log_name="serve.log") as url:
         yield url
-    finally:
-        _stop_group(proc)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import TrackingConfig
 from pipeline.tracking import TrackingUnavailable, check_reachable, resolve_tracking_uri
-from pipeline.tracking.store import artifact_location, redact_uri
+from pipeline.tracking.store import artifact_location, redact_uri, ui_hint
 
 
 def test_uri_precedence_config_then_env_then_local_sqlite(monkeypatch, tmp_path):
@@ -25,6 +25,21 @@ def test_relative_sqlite_is_made_absolute(tmp_path):
     cfg = TrackingConfig(tracking_uri="sqlite:///runs/mlflow.db")
     assert resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path}/runs/mlflow.db"
     assert resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
+
+
+def test_relative_sqlite_and_local_store_are_taken_in_workdir(monkeypatch, tmp_path):
+    # a notebook runs in notebooks/ but reads the store the stages wrote in the repository root
+    assert resolve_tracking_uri(TrackingConfig(), "/runs/a") == "sqlite:////runs/a/mlflow.db"
+    cfg = TrackingConfig(tracking_uri="sqlite:///db/m.db?mode=ro")
+    assert resolve_tracking_uri(cfg, "/runs/a") == "sqlite:////runs/a/db/m.db?mode=ro"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri(TrackingConfig(), "/runs/a") == "sqlite:////runs/a/env.db"
+    assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/env.db"
+
+
+def test_ui_hint_links_a_server_run_or_names_the_ui_command():
+    assert ui_hint("https://u:p@host/", "3", "abc") == "https://***@host/#/experiments/3/runs/abc"
+    assert ui_hint("sqlite:////x/mlflow.db", "3") == "mlflow ui --backend-store-uri sqlite:////x/mlflow.db"
 
 
 def test_artifact_location_beside_the_database(tmp_path):

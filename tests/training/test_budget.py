@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.stages.train import run as run_training
 from pipeline.training.budget import WallClockBudget
-from pipeline.training.checkpoint import load_checkpoint
-from pipeline.training.stage import run_training
 
 
 class FakeClock:

@@ -32,7 +32,7 @@ def test_a_dynunet_step_with_deep_supervision_reaches_every_head():
     plan = {"network": {"strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 1]],
                         "kernel_sizes": [[3, 3, 1]] + [[3, 3, 3]] * 4}}
     torch.manual_seed(0)
-    model = build_model(ModelConfig(base_filters=4, max_filters=16), plan, 1, 3).train()
+    model = build_model(ModelConfig(base_filters=4, max_filters=16), plan["network"], 1, 3).train()
     labels = torch.zeros(2, 1, 32, 32, 16, dtype=torch.long)
     labels[:, :, 8:16, 8:16, 4:8] = 2
     total, _, _ = supervised_loss(build_loss(LossConfig(), 3), model(torch.randn(2, 1, 32, 32, 16)), labels)

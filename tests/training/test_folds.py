@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.cli import main as cli_main
 from pipeline.data.splits import FoldsError
-from pipeline.training.stage import training_case_ids
+from pipeline.stages.train import training_case_ids
 
 from .tiny_data import write_tiny_preprocessed
 

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.training.checkpoint import load_checkpoint
+from pipeline.contracts import OperatingPoint
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.training.loop import train
 
 from .tiny_data import NO_AUGMENT, write_tiny_preprocessed
@@ -96,7 +97,8 @@ def test_best_checkpoint_is_chosen_by_validation_cpm_then_dice(tiny_train_data, 
         seen[epoch] = copy.deepcopy(model.state_dict())
         cpm_, dice = scripted[epoch]
         return validate_module.ValidationResult(
-            {"cpm": cpm_, "dice_lesion": dice, "lesions": 1.0}, {"threshold": 0.5 + epoch / 100}
+            {"cpm": cpm_, "dice_lesion": dice, "lesions": 1.0},
+            OperatingPoint(target_fp_rate=1.0, threshold=0.5 + epoch / 100, fps_per_scan=1.0, sensitivity=0.5),
         )
 
     monkeypatch.setattr(validate_module, "validate", fake_validate)
@@ -114,9 +116,10 @@ def test_best_checkpoint_is_chosen_by_validation_cpm_then_dice(tiny_train_data, 
     assert [("val_cpm" in row) for row in result.history] == [False, True, False, True, True]
     assert result.best_epoch == 4
     assert result.best_metrics == {"cpm": 0.5, "dice_lesion": 0.10, "lesions": 1.0}
-    assert result.operating_point == {"threshold": 0.54}
+    assert result.operating_point.threshold == 0.54
     best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
-    assert best["epoch"] == 3 and best["best_epoch"] == 4 and best["operating_point"] == {"threshold": 0.54}
+    assert best["epoch"] == 3 and best["best_epoch"] == 4 and best["operating_point"] == {
+        "target_fp_rate": 1.0, "threshold": 0.54, "fps_per_scan": 1.0, "sensitivity": 0.5}  # a plain dict
     assert_same_weights(best["model"], seen[4])
     assert last["epoch"] == 4 and last["best_epoch"] == 4
     assert_same_weights(last["model"], seen[5])

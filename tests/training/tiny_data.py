@@ -1,7 +1,7 @@
 """A tiny preprocessed data set on disk, in the layout the train stage reads (for the training tests).
 
 ``<root>/pre/plan.json``, ``<root>/pre/cases/<id>_image.npy`` (float32 (C, X, Y, Z)), ``<id>_label.npy``
-(uint8 (X, Y, Z)), ``<id>.json`` (record with ``target_spacing_mm``) and ``<root>/splits.json``. Scans are
+(uint8 (X, Y, Z)), ``<id>.json`` (the case record of a scan left on its grid) and ``<root>/splits.json``. Scans are
 32 x 32 x 16 voxels at 1.5 x 1.5 x 3 mm from :func:`pipeline.data.synthetic.generate_case`, each with one or
 two high-contrast lesions of 20-60 voxels; the networks are 3-level U-Nets with 4-8 base filters so a
 training run takes seconds on two CPU cores. Tracking is off.
@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from pipeline.contracts import Plan
+from tests.contract_examples import grid_record, plan_with
 
 SHAPE = (32, 32, 16)  # voxels (x, y, z)
 SPACING_MM = (1.5, 1.5, 3.0)
@@ -64,7 +67,7 @@ class TinyTrainData:
     """A preprocessed data set on disk plus the params tree that trains on it."""
 
     root: Path
-    plan: dict[str, Any]
+    plan: Plan
     splits: dict[str, list[str]]
     params: dict[str, Any]
 
@@ -118,21 +121,21 @@ def write_tiny_preprocessed(
         # roughly the CT normalisation of the preprocess stage: liver ~0, lesion ~ -1.7, air -10.5
         np.save(cases / f"{cid}_image.npy", ((image.data.astype(np.float32) - 50.0) / 100.0))
         np.save(cases / f"{cid}_label.npy", np.ascontiguousarray(label.data[0]))
-        (cases / f"{cid}.json").write_text(
-            json.dumps({"case_id": cid, "target_spacing_mm": list(SPACING_MM)})
-        )
+        (cases / f"{cid}.json").write_text(grid_record(cid, image.shape, SPACING_MM).to_json())
         ids.append(cid)
     splits = {"train": ids[:n_train], "val": ids[:n_val] if same_scan_for_val else ids[n_train:], "test": []}
-    plan = {
-        "patch_size": list(patch),
-        "batch_size": batch_size,
-        "network": {"strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 3},
-        "n_classes": 3,
-        "channel_names": ["CT"],
-        "lesion_labels": [LESION_LABEL],
-        "target_spacing_mm": list(SPACING_MM),
-    }
-    (root / "pre" / "plan.json").write_text(json.dumps(plan))
+    plan = plan_with(
+        patch_size=list(patch),
+        batch_size=batch_size,
+        network={"strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 3},
+        n_classes=3,
+        channel_names=["CT"],
+        lesion_labels=[LESION_LABEL],
+        target_spacing_mm=list(SPACING_MM),
+        anisotropic=False,  # 3.0 / 1.5 mm is below the anisotropy ratio 3
+        median_shape=list(SHAPE),
+    )
+    (root / "pre" / "plan.json").write_text(plan.to_json())
     (root / "splits.json").write_text(json.dumps(splits))
     params = {
         "seed": 0,

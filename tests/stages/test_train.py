@@ -1,4 +1,4 @@
-"""pipeline/training/stage.py: the train stage's outputs (checkpoints, per-epoch CSV, summary JSON), resuming
+"""pipeline/stages/train.py: the train stage's outputs (checkpoints, per-epoch CSV, summary JSON), resuming
 a run killed mid-epoch, and refusing checkpoints from another config or code version."""
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from pipeline.cli import main as cli_main
-from pipeline.training.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
-from pipeline.training.stage import run_training
-
-from .tiny_data import write_tiny_preprocessed
+from pipeline.model.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
+from pipeline.stages.train import run as run_training
+from tests.training.tiny_data import write_tiny_preprocessed
 
 # 3 epochs of 3 steps, validation every epoch, one loader worker (the default), default augmentation
 RUN = {"train": {"epochs": 3, "steps_per_epoch": 3, "val_every": 1, "num_workers": 1}}
@@ -106,7 +105,7 @@ def test_checkpoints_load_with_weights_only(finished_run, name):
     state = torch.load(models / name, map_location="cpu", weights_only=True)
     assert state["format_version"] == FORMAT_VERSION
     assert (
-        state["config"] == cfg.to_dict() and state["config_flat"] == cfg.flat() and state["plan"] == data.plan
+        state["config"] == cfg.to_dict() and state["config_flat"] == cfg.flat() and state["plan"] == data.plan.to_dict()
     )
     assert {
         "model",
@@ -128,12 +127,12 @@ def test_checkpoints_load_with_weights_only(finished_run, name):
 
 
 def test_best_checkpoint_rebuilds_the_model_for_inference(finished_run):
-    from pipeline.inference.predict import load_model
+    from pipeline.inference.loaded_model import load_model
 
     _, _, summary, models = finished_run
     loaded = load_model(models / "best.pt", "cpu")
     assert loaded.patch_size == (16, 16, 8) and loaded.lesion_labels == [2]
-    assert loaded.operating_point == summary["operating_point"]
+    assert loaded.operating_point.to_dict() == summary["operating_point"]  # the JSON and the checkpoint agree
     out = loaded.model(torch.zeros(1, 1, 16, 16, 8))
     assert out.shape == (1, 3, 16, 16, 8)
 

@@ -1,4 +1,4 @@
-"""pipeline/data/prepare.py: the data stage validates before it writes, then writes the split."""
+"""pipeline/stages/data.py: the data stage validates before it writes, then writes the split."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data.prepare import prepare_data
 from pipeline.io.validate import DataValidationError
+from pipeline.stages.data import run as prepare_data
 
 
 def test_prepare_data_on_an_msd_dataset_writes_a_stratified_split(tiny_msd_dataset, tmp_path):

@@ -18,9 +18,8 @@ from pipeline.config import config_from_dict
 from pipeline.io.dataset import load_msd
 from pipeline.io.volume import Volume, make_affine
 from pipeline.preprocessing.parallel import resolve_workers
-from pipeline.preprocessing.stage import PreprocessError, run_preprocess
-
-from .phantoms import oblique_affine, phantom, write_msd
+from pipeline.stages.preprocess import PreprocessError, run_preprocess
+from tests.preprocessing.phantoms import oblique_affine, phantom, write_msd
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,7 +140,7 @@ def test_kill_then_resume_is_byte_identical(data, reference, tmp_path):
         "import json, sys\n"
         "from pipeline.config import config_from_dict\n"
         "from pipeline.io.dataset import load_msd\n"
-        "from pipeline.preprocessing.stage import run_preprocess\n"
+        "from pipeline.stages.preprocess import run_preprocess\n"
         "if __name__ == '__main__':\n"
         f"    splits = json.loads(open({str(tmp_path / 'splits.json')!r}).read())\n"
         f"    dataset = load_msd({str(ds.root)!r})\n"

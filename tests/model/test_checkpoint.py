@@ -1,4 +1,4 @@
-"""pipeline/training/checkpoint.py: atomic writes, safe loads, format-version and config checks.
+"""pipeline/model/checkpoint.py: atomic writes, safe loads, format-version and config checks.
 
 Checkpoints written by a real training run are checked in ``test_stage.py``.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import Config
-from pipeline.training.checkpoint import (
+from pipeline.model.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     check_resume_compatible,

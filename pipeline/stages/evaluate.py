@@ -21,8 +21,19 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.dvc_metrics import write_evaluation_metrics
+from pipeline.evaluation.evaluate import evaluate_cases, json_safe
+from pipeline.evaluation.folders import evaluate_folders
+from pipeline.evaluation.report import write_report
+from pipeline.evaluation.voxel_metrics import summarize_class, voxel_scores
+from pipeline.inference.predict import load_predictor, predict_volume
+from pipeline.inspection.export import export_lesion_views
 from pipeline.io.atomic import atomic_dir
+from pipeline.io.dataset import read_case_image, read_case_label
 from pipeline.io.formats import read_volume, write_volume
+from pipeline.io.validate import validated_dataset
+from pipeline.model.checkpoint import best_checkpoint
+from pipeline.tracking import create_tracker, lineage_tags, read_run_ref
+from pipeline.tracking.pipeline_run import finish_pipeline_run, open_pipeline_run, run_ref_path
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +41,6 @@ log = logging.getLogger(__name__)
 def _predict_test_scans(cfg: Config, ds, test_ids: list[str], pred_dir: Path, progress: bool) -> dict[str, list]:
     """Write predictions for the test scans; return per-class voxel scores computed from the label maps."""
     from tqdm import tqdm
-
-    from pipeline.evaluation.voxel_metrics import voxel_scores
-    from pipeline.inference.predict import load_predictor, predict_volume
-    from pipeline.io.dataset import read_case_image, read_case_label
 
     loaded = load_predictor(checkpoint_paths(cfg), cfg.inference.device)  # several: an ensemble
     lesion_names = {k: ds.labels[k] for k in loaded.lesion_labels}
@@ -60,31 +67,22 @@ def _predict_test_scans(cfg: Config, ds, test_ids: list[str], pred_dir: Path, pr
 
 def checkpoint_paths(cfg: Config) -> list[Path]:
     """``inference.checkpoints`` (their probabilities are averaged), or the train stage's ``best.pt``."""
-    return [Path(p) for p in cfg.inference.checkpoints] or [Path(cfg.paths.models) / "best.pt"]
+    return [Path(p) for p in cfg.inference.checkpoints] or [best_checkpoint(cfg.paths.models)]
 
 
 def _cases(prob_dir: Path, ds, test_ids: list[str], lesion_values: list[int], remap) -> Iterator[tuple]:
     """(scan, lesion probability, GT lesion mask as 0/1, affine), read lazily one scan at a time."""
-    from pipeline.io.dataset import read_case_label
-
     for cid in test_ids:
         prob = read_volume(prob_dir / f"{cid}.nii.gz")
         truth = read_case_label(ds.case(cid), remap).data[0]
         yield cid, prob.data[0], np.isin(truth, lesion_values).astype(np.uint8), prob.affine
 
 
-def run_evaluation_stage(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    from pipeline.data.prepare import validated_dataset
-    from pipeline.evaluation.evaluate import evaluate_cases, json_safe
-    from pipeline.evaluation.report import write_report
-    from pipeline.evaluation.voxel_metrics import summarize_class
-    from pipeline.tracking import create_tracker, lineage_tags, read_run_ref
-    from pipeline.tracking.pipeline_run import finish_pipeline_run, open_pipeline_run
-
+def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     tracker = create_tracker(cfg.tracking)  # fails fast, before any work
     models = Path(cfg.paths.models)
-    ref = read_run_ref(models / "mlflow_run.json") if (models / "mlflow_run.json").exists() else {}
-    ds, _ = validated_dataset(cfg, progress)
+    ref = read_run_ref(run_ref_path(models)) if run_ref_path(models).exists() else {}
+    ds, _ = validated_dataset(cfg.data, cfg.paths.raw, progress)
     test_ids = json.loads(Path(cfg.paths.splits).read_text())["test"]
     if not test_ids:
         raise ValueError(f"{cfg.paths.splits}: no test scans to evaluate (data.test_fraction is 0?)")
@@ -143,8 +141,12 @@ def run_evaluation_stage(cfg: Config, progress: bool = True) -> dict[str, Any]:
     return metrics
 
 
+def run_folders(cfg: Config, predictions: Path, labels: Path, output: Path, lesion_label: int | None = None) -> dict:
+    """``evaluate --predictions``: any tool's predictions against label maps, paired by file name (see
+    :func:`pipeline.evaluation.folders.evaluate_folders`); returns the metrics written to ``output``."""
+    return evaluate_folders(predictions, labels, output, cfg.evaluation, lesion_label=lesion_label)
+
+
 def _export_views(cfg: Config, ds, test_ids: list[str], out: Path) -> None:
     """Static PNGs of every missed lesion and the top false positives (for users who skip the notebook)."""
-    from pipeline.inspection.export import export_lesion_views
-
     export_lesion_views(cfg, ds, test_ids, out, out / "lesion_views")

@@ -11,35 +11,43 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, dump_config
+from pipeline.config import Config, config_from_dict, dump_config
+from pipeline.contracts import Plan
+from pipeline.data.splits import fold_cases, load_or_make_folds
 from pipeline.dvc_metrics import write_training_metrics
 from pipeline.io.atomic import write_json
+from pipeline.model.checkpoint import best_checkpoint
+from pipeline.model.device import resolve_device
+from pipeline.preprocessing.plan import load_plan
+from pipeline.tracking import create_tracker, lineage_tags, write_run_ref
+from pipeline.tracking.pipeline_run import numeric, open_pipeline_run, run_ref_path, version_tags
 from pipeline.training.data import load_preprocessed
-from pipeline.training.distributed import cleanup, init_distributed
-from pipeline.training.loop import resolve_device, train
+from pipeline.training.distributed import DistInfo, barrier, cleanup, init_distributed
+from pipeline.training.loop import train
 from pipeline.training.report import plot_training_curves, write_history_csv
 
 log = logging.getLogger(__name__)
 
 
-def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_after_steps: int | None = None) -> dict:
-    from pipeline.tracking import create_tracker, lineage_tags, write_run_ref
-    from pipeline.tracking.pipeline_run import numeric, open_pipeline_run
-
+def run(cfg: Config, resume: bool = False, progress: bool = True, stop_after_steps: int | None = None) -> dict:
     device = resolve_device(cfg.train.device)
-    dist_info = init_distributed(device.type)
+    dist_info = init_distributed(device.type, cfg.train.dist_timeout_min)
     tracker = create_tracker(cfg.tracking, rank=dist_info.rank)  # fails fast, before any work
     try:
         pre = Path(cfg.paths.preprocessed)
-        plan = json.loads((pre / "plan.json").read_text())
+        plan = load_plan(pre / "plan.json")
         train_ids, val_ids = training_case_ids(cfg, dist_info)
-        train_cases = load_preprocessed(pre, train_ids, cfg.train.cache)
-        val_cases = load_preprocessed(pre, val_ids, cfg.train.cache)
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))  # each rank loads its copy
+        train_cases = load_preprocessed(pre, train_ids, cfg.train.cache, cfg.train.cache_ram_fraction,
+                                        processes_per_machine=per_machine)
+        val_cases = load_preprocessed(pre, val_ids, cfg.train.cache, cfg.train.cache_ram_fraction,
+                                      processes_per_machine=per_machine)
         out = Path(cfg.paths.models)
         out.mkdir(parents=True, exist_ok=True)
         parent, key = open_pipeline_run(tracker, cfg)  # shared with evaluate: same execution, same key
@@ -61,7 +69,7 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
                 "mean_patches_per_s": float(np.mean([r["patches_per_s"] for r in result.history])),
                 "mean_data_wait_fraction": float(np.mean([r["data_wait_fraction"] for r in result.history])),
                 "train_time_s": time.perf_counter() - t0,
-                "operating_point": result.operating_point,
+                "operating_point": result.operating_point.to_dict() if result.operating_point else None,
                 "train_cases": len(train_cases), "val_cases": len(val_cases),
                 # what ended the run: "epochs" (all of train.epochs) or "time_budget" (train.time_budget_min,
                 # the LR schedule compressed to it); optimiser steps and wall-clock seconds of the run
@@ -77,9 +85,9 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
             run.log_metrics(numeric(summary), run_id=parent)  # the execution's row in the run table
             for name in ("train_log.csv", "train_summary.json", "training_curves.png"):
                 run.log_artifact(out / name, "training")
-            run.log_artifact(out / "best.pt", "checkpoint")
-            model = _log_model(run, cfg, plan, out / "best.pt", key) or {}
-            write_run_ref(out / "mlflow_run.json", {**run.run_ref(), "pipeline_key": key,
+            run.log_artifact(best_checkpoint(out), "checkpoint")
+            model = _log_model(run, cfg, plan, best_checkpoint(out), key) or {}
+            write_run_ref(run_ref_path(out), {**run.run_ref(), "pipeline_key": key,
                                                     "registered_model": model.get("registered_model_name"),
                                                     "model_version": model.get("registered_model_version")})
         return summary
@@ -90,9 +98,6 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
 def training_case_ids(cfg: Config, dist_info=None) -> tuple[list[str], list[str]]:
     """(train, val) case ids: the data stage's split, or with ``train.fold`` set, that fold of the folds
     file ``paths.folds`` (made from the split's train + val scans on first use, rank 0 only)."""
-    from pipeline.data.splits import fold_cases, load_or_make_folds
-    from pipeline.training.distributed import DistInfo, barrier
-
     splits_path = Path(cfg.paths.splits)
     splits = json.loads(splits_path.read_text())
     if cfg.train.fold is None:
@@ -111,8 +116,6 @@ def training_case_ids(cfg: Config, dist_info=None) -> tuple[list[str], list[str]
 
 def make_folds_file(cfg: Config) -> list[dict[str, list[str]]]:
     """Write ``paths.folds`` from the data stage's split if it does not exist (else check and read it)."""
-    from pipeline.data.splits import fold_cases, load_or_make_folds
-
     splits_path = Path(cfg.paths.splits)
     if not splits_path.is_file():
         raise FileNotFoundError(f"{splits_path}: split not found; run the data stage (prepare-data) first")
@@ -122,15 +125,13 @@ def make_folds_file(cfg: Config) -> list[dict[str, list[str]]]:
 
 def fold_config(cfg: Config, fold: int) -> Config:
     """``cfg`` training fold ``fold`` into ``<paths.models>/fold_<fold>``."""
-    from pipeline.config import config_from_dict
-
     tree = cfg.to_dict()
     tree["train"]["fold"] = fold
     tree["paths"]["models"] = str(Path(cfg.paths.models) / f"fold_{fold}")
     return config_from_dict(tree, source=f"fold {fold}")
 
 
-def run_training_folds(cfg: Config, folds: list[int] | None = None, resume: bool = False,
+def run_folds(cfg: Config, folds: list[int] | None = None, resume: bool = False,
                        progress: bool = True) -> list[Path]:
     """Train the given folds (default: all ``train.n_folds``) one after another, each into
     ``<paths.models>/fold_<k>``; returns their ``best.pt`` paths (for ``inference.checkpoints``)."""
@@ -140,17 +141,15 @@ def run_training_folds(cfg: Config, folds: list[int] | None = None, resume: bool
     for k in folds:
         fold_cfg = fold_config(cfg, k)
         log.info("training fold %d of %d into %s", k, cfg.train.n_folds, fold_cfg.paths.models)
-        run_training(fold_cfg, resume=resume, progress=progress)
-        best.append(Path(fold_cfg.paths.models) / "best.pt")
+        run(fold_cfg, resume=resume, progress=progress)
+        best.append(best_checkpoint(fold_cfg.paths.models))
     return best
 
 
-def _log_model(run, cfg: Config, plan: dict, best: Path, key: str | None) -> dict | None:
+def _log_model(run, cfg: Config, plan: Plan, best: Path, key: str | None) -> dict | None:
     """The best checkpoint as a whole-scan pyfunc model (:mod:`pipeline.tracking.pyfunc_model`), registered
     and tagged with the git commit, the data hash and the pipeline key."""
     if not run.enabled:
         return None
-    from pipeline.tracking.pipeline_run import version_tags
-
-    return run.log_scan_model(best, len(plan["channel_names"]), cfg.tracking.registered_model,
+    return run.log_scan_model(best, plan.n_channels, cfg.tracking.registered_model,
                               version_tags=version_tags(cfg, key))

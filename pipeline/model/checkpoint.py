@@ -6,8 +6,6 @@ epoch, RNG states, the full config, the plan and a format version, so it loads w
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,8 @@ import torch
 from pipeline.io.atomic import atomic_path
 
 FORMAT_VERSION = 1
+# the train stage's checkpoint files in ``paths.models`` (their one spelling; see :func:`best_checkpoint`)
+BEST_CHECKPOINT, LAST_CHECKPOINT = "best.pt", "last.pt"
 # config sections whose change makes a checkpoint unusable for resuming the same run
 RESUME_SECTIONS = ("seed", "preprocess", "train", "data.lesion_labels", "data.label_remap")
 
@@ -23,7 +23,17 @@ RESUME_SECTIONS = ("seed", "preprocess", "train", "data.lesion_labels", "data.la
 # settings that do not change the trained weights (tested: batches do not depend on the worker count), or
 # that only say how long to go on (epochs, the wall-clock budget: a resumed run may be given more)
 RESUME_FREE = {"train.epochs", "train.time_budget_min", "train.num_workers", "train.device", "train.cache",
-               "train.checkpoint_every"}
+               "train.checkpoint_every", "train.dist_timeout_min", "train.cache_ram_fraction"}
+
+
+def best_checkpoint(models_dir: str | Path) -> Path:
+    """The checkpoint model selection chose (what evaluate, predict and the registry use)."""
+    return Path(models_dir) / BEST_CHECKPOINT
+
+
+def last_checkpoint(models_dir: str | Path) -> Path:
+    """The checkpoint of the last finished epoch (what ``--resume`` continues from)."""
+    return Path(models_dir) / LAST_CHECKPOINT
 
 
 class CheckpointError(ValueError):
@@ -56,10 +66,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def _select(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if any(k == s or k.startswith(s + ".") for s in RESUME_SECTIONS)}
-
-
-def config_fingerprint(flat_config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(_select(flat_config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_resume_compatible(path: Path, saved_flat: dict[str, Any], current_flat: dict[str, Any]) -> None:

@@ -1,0 +1,167 @@
+"""Evaluate a folder of predictions against a folder of label maps matched by file name (``evaluate
+--predictions``): every pairing / readability / grid problem is collected first and raised together as
+:class:`~pipeline.evaluation.evaluate.EvaluationInputError` before anything is written; then
+``metrics.json``, ``froc.csv``, ``lesions.csv`` and ``froc.png`` are written atomically to the output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.config import EvaluationConfig
+from pipeline.evaluation.evaluate import Case, EvaluationInputError, evaluate_cases
+from pipeline.evaluation.lesions import lesion_mask_from_labels, lesion_score_map
+from pipeline.evaluation.report import write_report
+
+log = logging.getLogger(__name__)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from pipeline.io.formats import ITK_SUFFIXES, NIFTI_SUFFIXES, image_suffix
+
+    suffixes = NIFTI_SUFFIXES + ITK_SUFFIXES
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and image_suffix(p) in suffixes)
+
+
+def pair_files(predictions: Path, labels: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """Match prediction and label files by name without image suffix (``case_01.nii.gz`` <-> ``case_01.mha``).
+
+    Returns:
+        (pairs ``(scan, prediction path, label path)`` sorted by scan, problems)
+    """
+    from pipeline.io.formats import strip_suffix
+
+    problems: list[str] = []
+    found: list[dict[str, list[Path]]] = []
+    for folder, what in ((predictions, "predictions"), (labels, "labels")):
+        by_name: dict[str, list[Path]] = {}
+        if not folder.is_dir():
+            problems.append(f"{folder}: {what} folder not found")
+        else:
+            for p in _image_files(folder):
+                by_name.setdefault(strip_suffix(p), []).append(p)
+            if not by_name:
+                problems.append(f"{folder}: no image files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) "
+                                f"in the {what} folder")
+        for name, paths in by_name.items():
+            if len(paths) > 1:
+                problems.append(f"{', '.join(map(str, paths))}: several {what} files for scan {name!r}")
+        found.append(by_name)
+    preds, labs = found
+    pairs = []
+    for name in sorted(set(preds) | set(labs)):
+        if name not in labs:
+            if labels.is_dir():
+                problems.append(f"{preds[name][0]}: no label file for scan {name!r} in {labels}")
+        elif name not in preds:
+            if predictions.is_dir():
+                problems.append(f"{labs[name][0]}: no prediction file for scan {name!r} in {predictions}")
+        else:
+            pairs.append((name, preds[name][0], labs[name][0]))
+    return pairs, problems
+
+
+def _read_pair(scan: str, pred_path: Path, label_path: Path, lesion_label: int | None
+               ) -> tuple[Case | None, list[str]]:
+    """Read and validate one prediction / label pair: (case or None, its problems naming the files)."""
+    from pipeline.io.formats import VolumeReadError, read_volume
+    from pipeline.io.volume import grid_mismatch
+
+    problems: list[str] = []
+    vols = []
+    for path in (pred_path, label_path):
+        try:
+            vols.append(read_volume(path))
+        except VolumeReadError as exc:
+            problems.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - any reader failure is reported with its file
+            problems.append(f"{path}: cannot read ({type(exc).__name__}: {exc})")
+    if len(vols) < 2:
+        return None, problems
+    pred_vol, label_vol = vols
+    mismatch = grid_mismatch(pred_vol, label_vol)
+    if mismatch:
+        return None, [f"{pred_path} vs {label_path}: grids differ ({'; '.join(mismatch)})"]
+    if label_vol.n_channels != 1:
+        return None, [f"{label_path}: label map has {label_vol.n_channels} channels; expected one"]
+    pred = pred_vol.data if pred_vol.n_channels > 1 else pred_vol.data[0]
+    try:
+        lesion_score_map(pred, lesion_label)
+    except ValueError as exc:
+        return None, [f"{pred_path}: {exc}"]
+    try:
+        lesion_mask_from_labels(label_vol.data[0], lesion_label)
+    except ValueError as exc:
+        return None, [f"{label_path}: {exc}"]
+    return (scan, pred, label_vol.data[0], label_vol.affine), []
+
+
+def _read_cases(pairs: list[tuple[str, Path, Path]], problems: list[str],
+                lesion_label: int | None, prefetch: bool = True) -> Iterator[Case]:
+    """Read and validate every pair; yield cases while no problem has been seen, raise them all at the end.
+
+    With ``prefetch``, one background thread reads the next pair while the caller evaluates the current
+    one: gzip decompression and NumPy's copies release the GIL, so on two or more cores the evaluation
+    hides behind the file reading (at most two pairs are in memory at once).
+    """
+    if not prefetch or len(pairs) < 2:
+        for pair in pairs:
+            case, probs = _read_pair(*pair, lesion_label)
+            problems.extend(probs)
+            if case is not None and not problems:
+                yield case
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-read") as pool:
+            pending = pool.submit(_read_pair, *pairs[0], lesion_label)
+            for k in range(len(pairs)):
+                case, probs = pending.result()
+                if k + 1 < len(pairs):
+                    pending = pool.submit(_read_pair, *pairs[k + 1], lesion_label)
+                problems.extend(probs)
+                if case is not None and not problems:
+                    yield case
+                del case  # let the pair go before the next one arrives
+    if problems:
+        raise EvaluationInputError(problems)
+
+
+def evaluate_folders(predictions: Path, labels: Path, output: Path, cfg: EvaluationConfig,
+                     lesion_label: int | None = None, class_labels: dict[int, str] | None = None) -> dict:
+    """Evaluate a folder of predictions against a folder of label maps matched by file name.
+
+    Predictions may be probability maps (single channel: lesion probability; multi-channel: per-class
+    probabilities, lesion channel = ``lesion_label``) or label / binary maps (integer files; every
+    component is a candidate with score 1.0), e.g. other tools' outputs such as nnU-Net's.
+
+    Args:
+        predictions, labels: folders of NIfTI / NRRD / MHA / MHD files; pairs share a name.
+        output: folder for ``metrics.json``, ``froc.csv``, ``lesions.csv``, ``froc.png``.
+        cfg: evaluation settings.
+        lesion_label: label value (and channel) that is lesion; None = every nonzero label.
+        class_labels: ``{value: name}`` for per-class voxel metrics (default: the lesion class).
+
+    Returns:
+        The metrics dict written to ``metrics.json``.
+
+    Raises:
+        EvaluationInputError: missing folders or partners, duplicate names, unreadable files,
+            mismatched grids or unusable contents, all listed with their files; nothing is written.
+    """
+    predictions, labels, output = Path(predictions), Path(labels), Path(output)
+    pairs, problems = pair_files(predictions, labels)
+    if not pairs and not problems:
+        problems.append(f"{predictions}, {labels}: no prediction/label pairs")
+    log.info("evaluating %d scan(s) from %s against %s", len(pairs), predictions, labels)
+    cases = _read_cases(pairs, problems, lesion_label)
+    if problems and not pairs:
+        raise EvaluationInputError(problems)
+    result = evaluate_cases(cases, cfg, lesion_label=lesion_label, class_labels=class_labels)
+    metrics = result.to_metrics()
+    metrics["settings"].update({"predictions": str(predictions), "labels": str(labels)})
+    write_report(output, result, metrics)
+    return metrics
