@@ -41,6 +41,8 @@ from pipeline.io.dataset import Case, Dataset, load_dataset
 from pipeline.io.validate import check_dataset, validated_dataset
 from pipeline.preprocessing.cases import load_case, source_digest
 from pipeline.preprocessing.fingerprint import compute_fingerprint
+from pipeline.preprocessing.layout import case_paths, fingerprint_path, plan_path
+from pipeline.preprocessing.layout import cases_dir as cases_folder
 from pipeline.preprocessing.parallel import map_cases, peak_rss_mb, resolve_workers, worker_pool
 from pipeline.preprocessing.plan import load_plan, make_plan, plan_hash
 from pipeline.preprocessing.transform import preprocess_case
@@ -49,15 +51,6 @@ from pipeline.stages.shard import Shard, owners
 
 class PreprocessError(RuntimeError):
     """Preprocessing a case failed; the message names the case and its files."""
-
-
-def case_paths(cases_dir: Path, case_id: str) -> dict[str, Path]:
-    """Where the stage writes one case: ``image``, ``label`` and ``record``."""
-    return {
-        "image": cases_dir / f"{case_id}_image.npy",
-        "label": cases_dir / f"{case_id}_label.npy",
-        "record": cases_dir / f"{case_id}.json",
-    }
 
 
 def is_finished(cases_dir: Path, case_id: str, expected_hash: str, source: str | None = None) -> bool:
@@ -255,7 +248,7 @@ def run_preprocess(
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    cases_dir = out_dir / "cases"
+    cases_dir = cases_folder(out_dir)
     n_workers = resolve_workers(workers, cfg.preprocess.workers)
     fit_ids, all_ids = _split_ids(splits, dataset)
     with _locked(out_dir), worker_pool(min(n_workers, len(all_ids))) as pool:
@@ -317,7 +310,7 @@ def preprocess_shard(
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    cases_dir = out_dir / "cases"
+    cases_dir = cases_folder(out_dir)
     n_workers = resolve_workers(workers, cfg.preprocess.workers)
     fit_ids, all_ids = _split_ids(splits, dataset)
     mine = shard.select(all_ids)
@@ -355,7 +348,7 @@ def merge_preprocess(
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    cases_dir = out_dir / "cases"
+    cases_dir = cases_folder(out_dir)
     n_workers = resolve_workers(workers, cfg.preprocess.workers)
     fit_ids, all_ids = _split_ids(splits, dataset)
     _require_plan(out_dir)
@@ -394,33 +387,33 @@ def _write_plan(
 ) -> Plan:
     fingerprint = compute_fingerprint(dataset, fit_ids, cfg.data, n_workers, pool=pool)
     plan = make_plan(fingerprint, dataset, cfg)
-    write_json(out_dir / "fingerprint.json", fingerprint)
-    write_json(out_dir / "plan.json", plan.to_dict())
+    write_json(fingerprint_path(out_dir), fingerprint)
+    write_json(plan_path(out_dir), plan.to_dict())
     return plan
 
 
 def _require_plan(out_dir: Path) -> None:
-    for name in ("plan.json", "fingerprint.json"):
-        if not (out_dir / name).is_file():
+    for path in (plan_path(out_dir), fingerprint_path(out_dir)):
+        if not path.is_file():
             raise FileNotFoundError(
-                f"{out_dir / name}: not found: shards and --merge use the stored plan and never recompute it; "
+                f"{path}: not found: shards and --merge use the stored plan and never recompute it; "
                 f"write it first with `python -m pipeline preprocess --plan-only` (same --output and config)"
             )
 
 
 def _stored_plan(out_dir: Path, fit_ids: list[str]) -> Plan:
     """``plan.json``, after checking that ``fingerprint.json`` was taken on the current train + val split."""
-    fingerprint_path = out_dir / "fingerprint.json"
+    fingerprint_file = fingerprint_path(out_dir)
     try:
-        planned = json.loads(fingerprint_path.read_text()).get("case_ids")
+        planned = json.loads(fingerprint_file.read_text()).get("case_ids")
     except (OSError, ValueError, AttributeError) as exc:
-        raise PreprocessError(f"{fingerprint_path}: unreadable ({exc}); re-run preprocess --plan-only") from exc
+        raise PreprocessError(f"{fingerprint_file}: unreadable ({exc}); re-run preprocess --plan-only") from exc
     if planned != sorted(set(fit_ids)):
         raise PreprocessError(
-            f"{fingerprint_path}: planned on other cases than the current train + val split "
+            f"{fingerprint_file}: planned on other cases than the current train + val split "
             f"({len(planned or [])} vs {len(set(fit_ids))} cases); re-run preprocess --plan-only"
         )
-    return load_plan(out_dir / "plan.json")
+    return load_plan(plan_path(out_dir))
 
 
 def _process_cases(

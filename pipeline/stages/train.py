@@ -24,6 +24,7 @@ from pipeline.dvc_metrics import write_training_metrics
 from pipeline.io.atomic import write_json
 from pipeline.model.checkpoint import best_checkpoint
 from pipeline.model.device import resolve_device
+from pipeline.preprocessing.layout import fingerprint_path, plan_path
 from pipeline.preprocessing.plan import load_plan
 from pipeline.tracking import create_tracker, lineage_tags, write_run_ref
 from pipeline.tracking.pipeline_run import numeric, open_pipeline_run, run_ref_path, version_tags
@@ -41,7 +42,7 @@ def run(cfg: Config, resume: bool = False, progress: bool = True, stop_after_ste
     tracker = create_tracker(cfg.tracking, rank=dist_info.rank)  # fails fast, before any work
     try:
         pre = Path(cfg.paths.preprocessed)
-        plan = load_plan(pre / "plan.json")
+        plan = load_plan(plan_path(pre))
         train_ids, val_ids = training_case_ids(cfg, dist_info)
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))  # each rank loads its copy
         train_cases = load_preprocessed(pre, train_ids, cfg.train.cache, cfg.train.cache_ram_fraction,
@@ -55,9 +56,9 @@ def run(cfg: Config, resume: bool = False, progress: bool = True, stop_after_ste
         with tracker.start("train", parent_run_id=parent, tags=lineage_tags(cfg.paths.raw, device=device)) as run:
             run.log_params(cfg.flat())
             run.log_text(dump_config(cfg), "config/params.yaml")
-            for name in ("plan.json", "fingerprint.json"):
-                if (pre / name).exists():
-                    run.log_artifact(pre / name, "preprocessing")
+            for path in (plan_path(pre), fingerprint_path(pre)):
+                if path.exists():
+                    run.log_artifact(path, "preprocessing")
             result = train(cfg, plan, train_cases, val_cases, out, resume=resume, progress=progress,
                            dist_info=dist_info, log_metrics=run.log_metrics, stop_after_steps=stop_after_steps)
             if not dist_info.is_main:

@@ -18,6 +18,7 @@ from pipeline.config import AugmentConfig
 from pipeline.contracts import CaseRecord
 from pipeline.data.augment import augment_patch
 from pipeline.data.sampling import LesionIndex, PatchSampler, index_lesions
+from pipeline.preprocessing.layout import case_paths, cases_dir
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +175,12 @@ def load_preprocessed(folder: str | Path, case_ids: list[str], cache: str = "aut
         processes_per_machine: training processes on this machine that each load these cases (DDP ranks):
             in memory each holds its own copy, so ``auto`` weighs ``processes_per_machine`` x the arrays.
     """
-    folder = Path(folder) / "cases"
-    for cid in case_ids:
-        record_path = folder / f"{cid}.json"
-        if not record_path.is_file():
-            raise FileNotFoundError(f"{record_path}: preprocessed case missing; run the preprocess stage")
-    paths = [(folder / f"{cid}_image.npy", folder / f"{cid}_label.npy") for cid in case_ids]
+    folder = cases_dir(folder)
+    files = [case_paths(folder, cid) for cid in case_ids]
+    for f in files:
+        if not f["record"].is_file():
+            raise FileNotFoundError(f"{f['record']}: preprocessed case missing; run the preprocess stage")
+    paths = [(f["image"], f["label"]) for f in files]
     mode = CACHE_ALIASES.get(cache, cache)
     if mode == "auto":
         data_bytes = sum(npy_nbytes(p) for pair in paths for p in pair) * max(1, processes_per_machine)
@@ -193,7 +194,7 @@ def load_preprocessed(folder: str | Path, case_ids: list[str], cache: str = "aut
     mmap = mode == "mmap"
     out = []
     for cid, (image_path, label_path) in zip(case_ids, paths, strict=True):
-        record = CaseRecord.load(folder / f"{cid}.json")  # invalid / without spacing: ContractError naming it
+        record = CaseRecord.load(case_paths(folder, cid)["record"])  # invalid / no spacing: ContractError
         image = load_array(image_path, mmap)
         label = load_array(label_path, mmap)
         spacing = record.spacing_mm  # the preprocessed grid's (mm)
