@@ -5,7 +5,9 @@ reviewed diff of that file: regenerate it with ``GOLDEN_UPDATE=1 python -m pytes
 the new numbers with the change that moved them.
 
 The run uses one intra-op thread and no loader workers, so the float reductions happen in one order on
-any machine with the same torch build.
+any machine with the same torch build. A higher learning rate than the default (AdamW 1e-2) lets the small
+network find lesions within the 90 steps (test CPM 0.5, 2 of 4 lesions), so the pinned numbers cover
+detection, matching and the FROC, not only an empty prediction.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ GOLDEN = {
              "val_fraction": 0.2, "test_fraction": 0.35},
     "preprocess": {"workers": 1},
     "train": {"epochs": 6, "steps_per_epoch": 15, "val_every": 2, "num_workers": 0, "deterministic": True,
-              "device": "cpu", "model": {"base_filters": 8, "max_filters": 32}},
+              "device": "cpu", "model": {"base_filters": 8, "max_filters": 32}, "optim": {"lr": 0.01}},
     "inference": {"overlap": 0.25, "tta_mirror": True, "device": "cpu"},
     "evaluation": {"bootstrap": 50},
     "tracking": {"enabled": False},
