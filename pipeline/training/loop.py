@@ -32,6 +32,7 @@ from pipeline.config import Config
 from pipeline.contracts import OperatingPoint, Plan, operating_point_or_none
 from pipeline.losses.probability import one_hot
 from pipeline.model.checkpoint import (
+    CheckpointError,
     best_checkpoint,
     check_resume_compatible,
     last_checkpoint,
@@ -191,7 +192,7 @@ def train(cfg: Config, plan: Plan, train_cases: list[PreprocessedCase], val_case
     amp_on, amp_dtype, use_scaler = amp_settings(tc.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     last_path, best_path = last_checkpoint(out_dir), best_checkpoint(out_dir)
-    state = _resume(last_path, cfg, model, optimizer, scaler, device) if resume else RunState()
+    state = _resume(last_path, cfg, plan, model, optimizer, scaler, device) if resume else RunState()
     budget = WallClockBudget(tc.time_budget_min, state.elapsed_before_s)
     run = Trainee(model, _wrap(model, cfg, dist_info, device), loss_fn, optimizer, scaler, device,
                   amp_dtype if amp_on else None)
@@ -266,15 +267,21 @@ def _build_network(cfg: Config, plan: Plan, device: torch.device) -> tuple[nn.Mo
     return model, build_loss(tc.loss, n_classes)
 
 
-def _resume(last_path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _resume(last_path: Path, cfg: Config, plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler, device: torch.device) -> RunState:
     """Load model / optimiser / scaler / RNG state from ``last.pt`` (in place) and return the run's state;
-    a fresh state (with a warning) when there is no ``last.pt``."""
+    a fresh state (with a warning) when there is no ``last.pt``. A checkpoint from another config or another
+    plan (the data re-preprocessed differently) is refused, naming what differs."""
     if not last_path.exists():
         log.warning("--resume: %s does not exist; starting from scratch", last_path)
         return RunState()
     state = load_checkpoint(last_path, device)
     check_resume_compatible(last_path, state["config_flat"], cfg.flat())
+    saved_plan = Plan.from_dict(state["plan"], source=f"{last_path}: plan")
+    if saved_plan != plan:
+        raise CheckpointError(f"{last_path}: checkpoint was trained on another plan (differs in "
+                              f"{', '.join(saved_plan.differing_keys(plan))}); cannot resume: re-run "
+                              "preprocess as the run started, or train from scratch")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

@@ -194,3 +194,20 @@ def test_supervised_loss_equals_the_loss_on_labels(mode):
     total = supervised_loss(loss_fn, heads, labels)[0]
     parts = [loss_fn.parts(h, labels).total for h in (logits, 2 * logits, -logits)]
     assert torch.allclose(total, (4 * parts[0] + 2 * parts[1] + parts[2]) / 7, rtol=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_trained_on_another_plan(tiny_train_data, tmp_path):
+    """Same config, re-preprocessed data with another plan (here: the target spacing): resuming would continue
+    weights trained on other voxels, so it fails naming the differing plan keys."""
+    from pipeline.model.checkpoint import CheckpointError
+
+    cfg = tiny_train_data.config(train={"epochs": 1, "steps_per_epoch": 1})
+    args = (tiny_train_data.cases("train"), [], tmp_path / "models")
+    train(cfg, tiny_train_data.plan, *args, progress=False)
+    other = tiny_train_data.plan.model_copy(update={"target_spacing_mm": (2.0, 2.0, 2.0)})
+    with pytest.raises(CheckpointError, match=r"last\.pt: checkpoint was trained on another plan.*target_spacing_mm"):
+        train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})}), other, *args,
+              progress=False, resume=True)
+    result = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})}),
+                   tiny_train_data.plan, *args, progress=False, resume=True)  # the same plan resumes
+    assert [row["epoch"] for row in result.history] == [1, 2]
