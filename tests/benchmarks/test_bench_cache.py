@@ -5,23 +5,17 @@ one configuration runs, and the table is built. Keeps the benchmark from rotting
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_cache", REPO / "benchmarks" / "bench_cache.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_cache"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_cache")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/smaps_rollup")

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmark_module import load_benchmark
 
 
 def test_bench_network_smoke(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_network", REPO / "benchmarks" / "bench_network.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_network"] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("bench_network")
     out = tmp_path / "steps.jsonl"
     specs = ["dynunet:4:16:32,32,16:1", "unet:4:16:32,32,16:1", "old_unet:4:16:32,32,16:1"]
     assert module.main(["--candidates", *specs, "--warmup", "0", "--steps", "1", "--json", str(out)]) == 0

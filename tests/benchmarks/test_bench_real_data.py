@@ -6,12 +6,12 @@ right, so it cannot rot between runs.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.benchmark_module import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_REAL = REPO.parent / "shared" / "data" / "real"
@@ -19,11 +19,7 @@ SHARED_REAL = REPO.parent / "shared" / "data" / "real"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_real_data", REPO / "benchmarks" / "bench_real_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_real_data"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_real_data")
 
 
 def test_leave_one_out_folds(bench):

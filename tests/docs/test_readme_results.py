@@ -3,13 +3,12 @@ benchmarks/readme_results.py; editing either alone fails here."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from tests.benchmark_module import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("readme_results", ROOT / "benchmarks" / "readme_results.py")
-readme_results = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(readme_results)
+readme_results = load_benchmark("readme_results")
 
 
 def test_readme_table_matches_the_pinned_metrics():
