@@ -129,6 +129,20 @@ def test_changed_source_file_recomputes_that_case_only(data, tmp_path):
     assert summary["processed"] == [changed] and len(summary["skipped"]) == 7
 
 
+def records(out: Path) -> list[Path]:
+    """The case records in ``out/cases``: not the hidden temporary file of a record being written
+    (``.case_03.json.<random>.tmp.json``), which ``Path.glob("*.json")`` also matches."""
+    return [p for p in (out / "cases").glob("*.json") if not p.name.startswith(".")]
+
+
+def test_records_ignore_a_record_being_written(tmp_path):
+    """Regression: the kill test counted a record's temporary file as a finished case (flaky failure)."""
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "case_00.json").write_text("{}")
+    (tmp_path / "cases" / ".case_01.json.x1y2.tmp.json").write_text("{")
+    assert [p.name for p in records(tmp_path)] == ["case_00.json"]
+
+
 def test_kill_then_resume_is_byte_identical(data, reference, tmp_path):
     """SIGKILL a run (its whole process group) after its first finished cases, add the debris a kill can leave
     (a temp file, an array without its record), re-run: the same bytes as the uninterrupted run."""
@@ -157,7 +171,7 @@ def test_kill_then_resume_is_byte_identical(data, reference, tmp_path):
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((out / "cases").glob("*.json"))) >= 2:
+            if len(records(out)) >= 2:
                 break
             time.sleep(0.002)
     finally:
@@ -165,14 +179,14 @@ def test_kill_then_resume_is_byte_identical(data, reference, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    finished = len(list((out / "cases").glob("*.json")))
+    finished = len(records(out))
     assert 0 < finished < 8
     # debris of a kill mid-write: a temp file, and arrays of a case whose record was never written
     (out / "cases" / ".case_07_image.npy.x1y2.tmp.npy").write_bytes(b"\x93NUMPY half")
     (out / "cases" / "case_07_image.npy").write_bytes(b"\x93NUMPY half-written")
     (out / "cases" / "case_07.json").unlink(missing_ok=True)
 
-    left = len(list((out / "cases").glob("*.json")))
+    left = len(records(out))
 
     summary = run_preprocess(config_from_dict({}), ds, splits, out, workers=2)
     assert len(summary["skipped"]) == left and len(summary["processed"]) == 8 - left
