@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extraction", choices=["static", "dynamic"], default="static",
                     help="candidate extraction (evaluation.extraction; dynamic with its default parameters)")
     ap.add_argument("--noise", action="store_true", help="noise-only probability maps (see make_scan)")
+    ap.add_argument("--workers", type=int, default=2, help="evaluate_folders threads (pairs read and evaluated "
+                    "at once; default 2, its default)")
     args = ap.parse_args(argv)
 
     from pipeline.config import EvaluationConfig
-    from pipeline.evaluation.evaluate import _classes, evaluate_case, summarize
+    from pipeline.evaluation.evaluate import classes_of, evaluate_case, summarize
 
     cfg = EvaluationConfig(bootstrap=args.bootstrap, extraction=args.extraction)
     global _NOISE
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.io.volume import make_affine
 
     affine = make_affine(SPACING)
-    classes = _classes(None, 1)
+    classes = classes_of(None, 1)
     t_ours = t_ours_match = t_picai = t_gen = 0.0
     matches, voxel = [], {"lesion": []}
     picai_results, n_cand_ours, n_cand_picai = {}, 0, 0
@@ -193,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         lines.append("picai_eval: not importable (or disabled); no ratio")
     if args.io_scans:
-        lines += _bench_io(args.io_scans, args.size, args.seed, cfg)
+        lines += _bench_io(args.io_scans, args.size, args.seed, cfg, args.workers)
     print("\n".join(lines))
     return 0
 
 
-def _bench_io(k: int, size: int, seed: int, cfg) -> list[str]:
+def _bench_io(k: int, size: int, seed: int, cfg, workers: int = 2) -> list[str]:
     """evaluate_folders on K NIfTI pairs vs just reading them (the floor set by file decoding).
 
     Three figures: the whole cold call (first in the process: one-off imports of scipy / matplotlib /
@@ -233,7 +235,7 @@ def _bench_io(k: int, size: int, seed: int, cfg) -> list[str]:
 
         def run(pred: str, lab: str) -> float:
             t = time.perf_counter()
-            evaluate_folders(root / pred, root / lab, root / "out", cfg, lesion_label=1)
+            evaluate_folders(root / pred, root / lab, root / "out", cfg, lesion_label=1, workers=workers)
             return time.perf_counter() - t
 
         t_cold = run("pred", "lab")
@@ -241,7 +243,8 @@ def _bench_io(k: int, size: int, seed: int, cfg) -> list[str]:
         t_one = run("pred1", "lab1")
     read1 = t_read / k
     marginal = (t_warm - t_one) / (k - 1) if k > 1 else float("nan")
-    return [f"files: evaluate_folders on {k} .nii.gz pairs, cold {t_cold:.2f} s / warm {t_warm:.2f} s vs "
+    return [f"files: evaluate_folders ({workers} threads) on {k} .nii.gz pairs, cold {t_cold:.2f} s / "
+            f"warm {t_warm:.2f} s vs "
             f"reading them alone {t_read:.2f} s ({read1:.3f} s/pair): whole call {t_cold / t_read:.2f}x cold, "
             f"{t_warm / t_read:.2f}x warm",
             f"per scan: {marginal:.3f} s/scan evaluated vs {read1:.3f} s/pair read: {marginal / read1:.2f}x; "

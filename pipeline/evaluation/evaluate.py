@@ -118,7 +118,7 @@ def json_safe(obj: Any) -> Any:
 # per case
 
 
-def _classes(class_labels: dict[int, str] | None, lesion_label: int | None) -> list[tuple[str, int | None]]:
+def classes_of(class_labels: dict[int, str] | None, lesion_label: int | None) -> list[tuple[str, int | None]]:
     """Voxel-metric classes as (name, label value); value None = any nonzero label."""
     if class_labels:
         return [(str(name), int(value)) for value, name in sorted(class_labels.items())]
@@ -179,7 +179,7 @@ def evaluate_case(scan: str, pred: np.ndarray, gt: np.ndarray, affine: np.ndarra
     scores: dict[str, VoxelScores] = {}
     if voxel_metrics:
         spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-        for name, value in classes or _classes(None, lesion_label):
+        for name, value in classes or classes_of(None, lesion_label):
             masks = _voxel_masks(pred, score_map, is_label, gt, value, lesion_label)
             if masks is not None:
                 scores[name] = voxel_scores(masks[0], masks[1], spacing, cfg.surface_tolerance_mm)
@@ -250,17 +250,20 @@ def evaluate_cases(cases: Iterable[Case], cfg: EvaluationConfig, *, lesion_label
         >>> evaluate_cases([("a", gt.astype(np.float32), gt, np.eye(4))], cfg).cpm
         1.0
     """
-    classes = _classes(class_labels, lesion_label)
+    classes = classes_of(class_labels, lesion_label)
+    evaluated = (evaluate_case(scan, pred, gt, geom, cfg, lesion_label, classes, voxel_metrics)
+                 for scan, pred, gt, geom in cases)
+    return summarize_evaluated(evaluated, cfg, classes, lesion_label)
+
+
+def summarize_evaluated(evaluated: Iterable[tuple[CaseMatch, dict[str, VoxelScores]]], cfg: EvaluationConfig,
+                        classes: list[tuple[str, int | None]], lesion_label: int | None) -> EvaluationResult:
+    """:func:`summarize` of per-scan :func:`evaluate_case` results, consumed one at a time, in order."""
     matches: list[CaseMatch] = []
     voxel: dict[str, list[VoxelScores]] = {name: [] for name, _ in classes}
-    for scan, pred, gt, geom in cases:
-        match, scores = evaluate_case(scan, pred, gt, geom, cfg, lesion_label, classes, voxel_metrics)
+    for match, scores in evaluated:
         matches.append(match)
         for name, s in scores.items():
             voxel[name].append(s)
     voxel = {k: v for k, v in voxel.items() if v}
     return summarize(matches, voxel, cfg, {"lesion_label": lesion_label})
-
-
-# --------------------------------------------------------------------------------------------------
-# folders

@@ -7,13 +7,23 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.config import EvaluationConfig
-from pipeline.evaluation.evaluate import Case, EvaluationInputError, evaluate_cases
-from pipeline.evaluation.lesions import lesion_mask_from_labels, lesion_score_map
+from pipeline.evaluation.evaluate import (
+    Case,
+    EvaluationInputError,
+    classes_of,
+    evaluate_case,
+    summarize_evaluated,
+)
+from pipeline.evaluation.lesions import CaseMatch, lesion_mask_from_labels, lesion_score_map
 from pipeline.evaluation.report import write_report
+from pipeline.evaluation.voxel_metrics import VoxelScores
 
 log = logging.getLogger(__name__)
 
@@ -99,39 +109,52 @@ def _read_pair(scan: str, pred_path: Path, label_path: Path, lesion_label: int |
     return (scan, pred, label_vol.data[0], label_vol.affine), []
 
 
-def _read_cases(pairs: list[tuple[str, Path, Path]], problems: list[str],
-                lesion_label: int | None, prefetch: bool = True) -> Iterator[Case]:
-    """Read and validate every pair; yield cases while no problem has been seen, raise them all at the end.
+def _read_and_evaluate(pair: tuple[str, Path, Path], lesion_label: int | None, cfg: EvaluationConfig,
+                       classes: list[tuple[str, int | None]], failed: threading.Event
+                       ) -> tuple[tuple[CaseMatch, dict[str, VoxelScores]] | None, list[str]]:
+    """Read, validate and evaluate one pair: (result or None, its problems). After any problem (this pair's
+    or an earlier one's, ``failed``) pairs are only read and validated, to report every problem."""
+    case, problems = _read_pair(*pair, lesion_label)
+    if problems:
+        failed.set()
+    if case is None or failed.is_set():
+        return None, problems
+    return evaluate_case(*case, cfg, lesion_label, classes), problems
 
-    With ``prefetch``, one background thread reads the next pair while the caller evaluates the current
-    one: gzip decompression and NumPy's copies release the GIL, so on two or more cores the evaluation
-    hides behind the file reading (at most two pairs are in memory at once).
+
+def _evaluated_pairs(pairs: list[tuple[str, Path, Path]], problems: list[str], lesion_label: int | None,
+                     cfg: EvaluationConfig, classes: list[tuple[str, int | None]], workers: int
+                     ) -> Iterator[tuple[CaseMatch, dict[str, VoxelScores]]]:
+    """Per-pair results in pair order, ``workers`` pairs read and evaluated at once in threads; raise every
+    problem together at the end.
+
+    Threads, not processes: the NIfTI decompression (one ``gzip.decompress`` call), connected components,
+    KD-tree queries and NumPy's array work release the GIL, so two threads keep two cores busy, and
+    nothing is pickled. At most ``workers`` pairs are in memory at once.
     """
-    if not prefetch or len(pairs) < 2:
-        for pair in pairs:
-            case, probs = _read_pair(*pair, lesion_label)
-            problems.extend(probs)
-            if case is not None and not problems:
-                yield case
-    else:
-        from concurrent.futures import ThreadPoolExecutor
+    failed = threading.Event()
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-read") as pool:
-            pending = pool.submit(_read_pair, *pairs[0], lesion_label)
-            for k in range(len(pairs)):
-                case, probs = pending.result()
-                if k + 1 < len(pairs):
-                    pending = pool.submit(_read_pair, *pairs[k + 1], lesion_label)
-                problems.extend(probs)
-                if case is not None and not problems:
-                    yield case
-                del case  # let the pair go before the next one arrives
+    def take(future) -> tuple[CaseMatch, dict[str, VoxelScores]] | None:
+        result, probs = future.result()
+        problems.extend(probs)
+        return None if problems else result
+
+    with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="eval") as pool:
+        pending: deque = deque()
+        for pair in pairs:
+            pending.append(pool.submit(_read_and_evaluate, pair, lesion_label, cfg, classes, failed))
+            if len(pending) >= workers and (result := take(pending.popleft())) is not None:
+                yield result
+        while pending:
+            if (result := take(pending.popleft())) is not None:
+                yield result
     if problems:
         raise EvaluationInputError(problems)
 
 
 def evaluate_folders(predictions: Path, labels: Path, output: Path, cfg: EvaluationConfig,
-                     lesion_label: int | None = None, class_labels: dict[int, str] | None = None) -> dict:
+                     lesion_label: int | None = None, class_labels: dict[int, str] | None = None,
+                     workers: int = 2) -> dict:
     """Evaluate a folder of predictions against a folder of label maps matched by file name.
 
     Predictions may be probability maps (single channel: lesion probability; multi-channel: per-class
@@ -144,6 +167,7 @@ def evaluate_folders(predictions: Path, labels: Path, output: Path, cfg: Evaluat
         cfg: evaluation settings.
         lesion_label: label value (and channel) that is lesion; None = every nonzero label.
         class_labels: ``{value: name}`` for per-class voxel metrics (default: the lesion class).
+        workers: pairs read and evaluated at once (threads; each holds one pair in memory).
 
     Returns:
         The metrics dict written to ``metrics.json``.
@@ -157,10 +181,11 @@ def evaluate_folders(predictions: Path, labels: Path, output: Path, cfg: Evaluat
     if not pairs and not problems:
         problems.append(f"{predictions}, {labels}: no prediction/label pairs")
     log.info("evaluating %d scan(s) from %s against %s", len(pairs), predictions, labels)
-    cases = _read_cases(pairs, problems, lesion_label)
     if problems and not pairs:
         raise EvaluationInputError(problems)
-    result = evaluate_cases(cases, cfg, lesion_label=lesion_label, class_labels=class_labels)
+    classes = classes_of(class_labels, lesion_label)
+    evaluated = _evaluated_pairs(pairs, problems, lesion_label, cfg, classes, workers)
+    result = summarize_evaluated(evaluated, cfg, classes, lesion_label)
     metrics = result.to_metrics()
     metrics["settings"].update({"predictions": str(predictions), "labels": str(labels)})
     write_report(output, result, metrics)

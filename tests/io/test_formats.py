@@ -364,3 +364,28 @@ def test_real_nrrd_is_read_in_ras(real_data_dir):
     img = sitk.ReadImage(str(real_data_dir / "pyradiomics_testcases" / "breast1_image.nrrd"))
     lps = np.array(img.TransformContinuousIndexToPhysicalPoint((44.0, 119.0, 20.0)))
     np.testing.assert_allclose(vol.voxel_to_world([44, 119, 20]), lps * [-1, -1, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+@pytest.mark.parametrize("multi_member", [False, True])
+def test_nii_gz_in_memory_reader_equals_nibabel(tmp_path, image_class, byteorder, multi_member):
+    """The in-memory .nii.gz path (one gzip.decompress) gives nib.load's values and dtype: scaled int16
+    (scl_slope / scl_inter applied), NIfTI-2, big-endian data, 4D, and a file of two gzip members."""
+    import gzip
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(-500, 500, size=(*SHAPE, 2)).astype(np.dtype(np.int16).newbyteorder(byteorder))
+    img = image_class(data, _left_handed(make_affine((0.7, 0.8, 2.5))))
+    img.header.set_slope_inter(0.5, -3.0)
+    plain = tmp_path / "scaled.nii"
+    nib.save(img, plain)
+    raw = plain.read_bytes()
+    path = tmp_path / "scaled.nii.gz"
+    cut = len(raw) // 2
+    path.write_bytes(gzip.compress(raw[:cut]) + gzip.compress(raw[cut:]) if multi_member else gzip.compress(raw))
+    expected = np.asanyarray(nib.load(str(plain)).dataobj)
+    vol = read_volume(path)
+    assert vol.data.dtype == expected.dtype
+    np.testing.assert_array_equal(vol.data, np.moveaxis(expected, -1, 0))
+    np.testing.assert_array_equal(vol.affine, nib.load(str(plain)).affine)
