@@ -15,10 +15,9 @@ from pathlib import Path
 
 from pipeline.config import EvaluationConfig
 from pipeline.evaluation.evaluate import (
-    Case,
     EvaluationInputError,
     classes_of,
-    evaluate_case,
+    evaluate_validated,
     summarize_evaluated,
 )
 from pipeline.evaluation.lesions import CaseMatch, lesion_mask_from_labels, lesion_score_map
@@ -74,9 +73,11 @@ def pair_files(predictions: Path, labels: Path) -> tuple[list[tuple[str, Path, P
     return pairs, problems
 
 
-def _read_pair(scan: str, pred_path: Path, label_path: Path, lesion_label: int | None
-               ) -> tuple[Case | None, list[str]]:
-    """Read and validate one prediction / label pair: (case or None, its problems naming the files)."""
+def _read_pair(scan: str, pred_path: Path, label_path: Path,
+               lesion_label: int | None) -> tuple[tuple | None, list[str]]:
+    """Read and validate one prediction / label pair: (the arguments of
+    :func:`~pipeline.evaluation.evaluate.evaluate_validated` up to the affine, or None; its problems naming the
+    files)."""
     from pipeline.io.formats import VolumeReadError, read_volume
     from pipeline.io.volume import grid_mismatch
 
@@ -99,14 +100,14 @@ def _read_pair(scan: str, pred_path: Path, label_path: Path, lesion_label: int |
         return None, [f"{label_path}: label map has {label_vol.n_channels} channels; expected one"]
     pred = pred_vol.data if pred_vol.n_channels > 1 else pred_vol.data[0]
     try:
-        lesion_score_map(pred, lesion_label)
+        score = lesion_score_map(pred, lesion_label)
     except ValueError as exc:
         return None, [f"{pred_path}: {exc}"]
     try:
-        lesion_mask_from_labels(label_vol.data[0], lesion_label)
+        gmask = lesion_mask_from_labels(label_vol.data[0], lesion_label)
     except ValueError as exc:
         return None, [f"{label_path}: {exc}"]
-    return (scan, pred, label_vol.data[0], label_vol.affine), []
+    return (scan, pred, score, label_vol.data[0], gmask, label_vol.affine), []
 
 
 def _read_and_evaluate(pair: tuple[str, Path, Path], lesion_label: int | None, cfg: EvaluationConfig,
@@ -119,7 +120,7 @@ def _read_and_evaluate(pair: tuple[str, Path, Path], lesion_label: int | None, c
         failed.set()
     if case is None or failed.is_set():
         return None, problems
-    return evaluate_case(*case, cfg, lesion_label, classes), problems
+    return evaluate_validated(*case, cfg, lesion_label, classes), problems
 
 
 def _evaluated_pairs(pairs: list[tuple[str, Path, Path]], problems: list[str], lesion_label: int | None,
