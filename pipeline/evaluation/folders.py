@@ -21,7 +21,7 @@ from pipeline.evaluation.evaluate import (
     summarize_evaluated,
 )
 from pipeline.evaluation.lesions import CaseMatch, lesion_mask_from_labels, lesion_score_map
-from pipeline.evaluation.report import write_report
+from pipeline.evaluation.report import lesion_rows_text, write_report
 from pipeline.evaluation.voxel_metrics import VoxelScores
 
 log = logging.getLogger(__name__)
@@ -110,22 +110,27 @@ def _read_pair(scan: str, pred_path: Path, label_path: Path,
     return (scan, pred, score, label_vol.data[0], gmask, label_vol.affine), []
 
 
+Evaluated = tuple[CaseMatch, dict[str, VoxelScores], str]  # match, voxel scores, its lesions.csv lines
+
+
 def _read_and_evaluate(pair: tuple[str, Path, Path], lesion_label: int | None, cfg: EvaluationConfig,
                        classes: list[tuple[str, int | None]], failed: threading.Event
-                       ) -> tuple[tuple[CaseMatch, dict[str, VoxelScores]] | None, list[str]]:
-    """Read, validate and evaluate one pair: (result or None, its problems). After any problem (this pair's
-    or an earlier one's, ``failed``) pairs are only read and validated, to report every problem."""
+                       ) -> tuple[Evaluated | None, list[str]]:
+    """Read, validate and evaluate one pair and render its ``lesions.csv`` lines: (result or None, its
+    problems). After any problem (this pair's or an earlier one's, ``failed``) pairs are only read and
+    validated, to report every problem."""
     case, problems = _read_pair(*pair, lesion_label)
     if problems:
         failed.set()
     if case is None or failed.is_set():
         return None, problems
-    return evaluate_validated(*case, cfg, lesion_label, classes), problems
+    match, scores = evaluate_validated(*case, cfg, lesion_label, classes)
+    return (match, scores, lesion_rows_text(match, tuple(cfg.size_buckets_mm))), problems
 
 
 def _evaluated_pairs(pairs: list[tuple[str, Path, Path]], problems: list[str], lesion_label: int | None,
                      cfg: EvaluationConfig, classes: list[tuple[str, int | None]], workers: int
-                     ) -> Iterator[tuple[CaseMatch, dict[str, VoxelScores]]]:
+                     ) -> Iterator[Evaluated]:
     """Per-pair results in pair order, ``workers`` pairs read and evaluated at once in threads; raise every
     problem together at the end.
 
@@ -135,7 +140,7 @@ def _evaluated_pairs(pairs: list[tuple[str, Path, Path]], problems: list[str], l
     """
     failed = threading.Event()
 
-    def take(future) -> tuple[CaseMatch, dict[str, VoxelScores]] | None:
+    def take(future) -> Evaluated | None:
         result, probs = future.result()
         problems.extend(probs)
         return None if problems else result
@@ -185,9 +190,15 @@ def evaluate_folders(predictions: Path, labels: Path, output: Path, cfg: Evaluat
     if problems and not pairs:
         raise EvaluationInputError(problems)
     classes = classes_of(class_labels, lesion_label)
-    evaluated = _evaluated_pairs(pairs, problems, lesion_label, cfg, classes, workers)
-    result = summarize_evaluated(evaluated, cfg, classes, lesion_label)
+    lesion_rows: list[str] = []  # rendered in the worker threads; written by write_report
+
+    def evaluated() -> Iterator[tuple[CaseMatch, dict[str, VoxelScores]]]:
+        for match, scores, rows in _evaluated_pairs(pairs, problems, lesion_label, cfg, classes, workers):
+            lesion_rows.append(rows)
+            yield match, scores
+
+    result = summarize_evaluated(evaluated(), cfg, classes, lesion_label)
     metrics = result.to_metrics()
     metrics["settings"].update({"predictions": str(predictions), "labels": str(labels)})
-    write_report(output, result, metrics)
+    write_report(output, result, metrics, lesion_rows)
     return metrics

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,12 +90,14 @@ def _case_rows(case: CaseMatch, edges: tuple[float, ...]) -> dict[str, Column]:
 
 
 _ID_TEXTS: list[str] = ["0"]
+_ID_TEXTS_LOCK = threading.Lock()  # scans' rows are rendered in the evaluation's worker threads
 
 
 def _id_texts(n: int) -> list[str]:
     """``["0", "1", ..., str(n)]``, kept between calls: every scan numbers its rows from 1 again."""
-    if len(_ID_TEXTS) <= n:
-        _ID_TEXTS.extend(map(str, range(len(_ID_TEXTS), n + 1)))
+    with _ID_TEXTS_LOCK:
+        if len(_ID_TEXTS) <= n:
+            _ID_TEXTS.extend(map(str, range(len(_ID_TEXTS), n + 1)))
     return _ID_TEXTS
 
 
@@ -131,20 +135,31 @@ def _csv_column(values: Column) -> list[str]:
     return np.asarray(cells, dtype=object)[np.asarray(inv, np.intp).reshape(-1)].tolist()
 
 
-def write_lesions_csv(path: Path, cases: list[CaseMatch], size_buckets_mm: tuple[float, ...]) -> None:
-    """One row per GT lesion and per candidate (see the module docstring).
+def lesion_rows_text(case: CaseMatch, size_buckets_mm: tuple[float, ...]) -> str:
+    """The ``lesions.csv`` lines of one scan (no header), each ending in ``\\n``; ``""`` without rows.
 
     The same bytes as ``csv.writer`` over :func:`_csv_column` cells, joined column-wise instead: a noisy
-    map gives 10^5 rows, where pandas' per-cell float formatter took ~15 us a row and ``csv.writer``
-    ~1 us.
+    map gives 10^4 rows per scan, where pandas' per-cell float formatter took ~15 us a row and
+    ``csv.writer`` ~1 us. Thread-safe: folder evaluation renders each scan's lines in its worker thread.
+    """
+    rows = _case_rows(case, tuple(size_buckets_mm))
+    if not rows["id"][1].size:
+        return ""
+    return "\n".join(map(",".join, zip(*(_csv_column(rows[c]) for c in LESION_COLUMNS)))) + "\n"
+
+
+def write_lesions_csv(path: Path, cases: list[CaseMatch], size_buckets_mm: tuple[float, ...],
+                      rows_text: Iterable[str] | None = None) -> None:
+    """One row per GT lesion and per candidate (see the module docstring).
+
+    ``rows_text``: each case's :func:`lesion_rows_text` already rendered (same order as ``cases``).
     """
     edges = tuple(size_buckets_mm)
+    texts = rows_text if rows_text is not None else (lesion_rows_text(case, edges) for case in cases)
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         fh.write(",".join(map(_csv_field, LESION_COLUMNS)) + "\n")
-        for case in cases:
-            rows = _case_rows(case, edges)
-            if rows["id"][1].size:
-                fh.write("\n".join(map(",".join, zip(*(_csv_column(rows[c]) for c in LESION_COLUMNS)))) + "\n")
+        for text in texts:
+            fh.write(text)
 
 
 def plot_froc(path: Path, result: EvaluationResult, metrics: dict[str, Any] | None = None) -> None:
@@ -161,12 +176,15 @@ def plot_froc(path: Path, result: EvaluationResult, metrics: dict[str, Any] | No
         fig.savefig(tmp, format="png")
 
 
-def write_report(output: Path, result: EvaluationResult, metrics: dict[str, Any] | None = None) -> None:
-    """Write ``metrics.json``, ``froc.csv``, ``lesions.csv`` and ``froc.png`` into ``output``."""
+def write_report(output: Path, result: EvaluationResult, metrics: dict[str, Any] | None = None,
+                 lesion_rows: Iterable[str] | None = None) -> None:
+    """Write ``metrics.json``, ``froc.csv``, ``lesions.csv`` and ``froc.png`` into ``output``
+    (``lesion_rows``: the cases' :func:`lesion_rows_text`, when already rendered)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     write_text(output / "froc.csv", froc_csv_text(result))
-    write_lesions_csv(output / "lesions.csv", result.cases, tuple(result.settings.get("size_buckets_mm", ())))
+    write_lesions_csv(output / "lesions.csv", result.cases, tuple(result.settings.get("size_buckets_mm", ())),
+                      lesion_rows)
     metrics = metrics if metrics is not None else result.to_metrics()
     plot_froc(output / "froc.png", result, metrics)
     write_json(output / "metrics.json", metrics)

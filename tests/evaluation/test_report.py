@@ -164,3 +164,16 @@ def test_froc_csv_without_lesions_and_without_candidates():
     assert text == "threshold,fps_per_scan,sensitivity\ninf,0.0,nan\n0.2,1.0,nan\n"
     text = froc_csv_text(SimpleNamespace(curve=froc_curve(np.array([np.nan]), np.array([]), n_scans=1)))
     assert text == "threshold,fps_per_scan,sensitivity\ninf,0.0,0.0\n"
+
+
+def test_row_id_texts_grow_consistently_from_threads():
+    """Folder evaluation renders each scan's lesions.csv lines in worker threads; the shared id-text cache
+    must stay ["0", "1", ...] whatever the interleaving."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.evaluation import report
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(report._id_texts, [n for n in range(1, 300_000, 1_009)] * 2))
+    assert report._ID_TEXTS == [str(i) for i in range(len(report._ID_TEXTS))]
+    assert len(report._ID_TEXTS) >= 299_000
