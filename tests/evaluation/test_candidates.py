@@ -205,3 +205,59 @@ def test_agrees_with_picai_on_probability_maps_made_from_the_real_masks(real_dat
             for params in (DynamicExtraction(max_lesions=100), DynamicExtraction(min_voxels=0, max_lesions=30,
                                                                                   round_decimals=3)):
                 _assert_agrees(p, params)
+
+
+# --------------------------------------------------------------------------------------------------
+# the running maximum (candidates._LiveMaxima) against full passes
+
+
+class _FullPasses:
+    """What _LiveMaxima replaces: a pass over the whole array per step."""
+
+    def __init__(self, values: np.ndarray, k: int = 0):
+        self.values = values
+
+    def max(self):
+        return self.values.max() if self.values.size else self.values.dtype.type(0)
+
+    def ties(self, m) -> np.ndarray:
+        return np.flatnonzero(self.values == m)
+
+
+def test_live_maxima_equal_full_passes_while_values_are_zeroed():
+    from pipeline.evaluation.candidates import _LiveMaxima
+
+    rng = np.random.default_rng(7)
+    values = np.round(rng.random(5000), 2).astype(np.float32)  # many ties
+    values[rng.random(5000) < 0.1] = 0
+    fast, slow = _LiveMaxima(values, k=16), _FullPasses(values)  # k=16: the list runs out and is rebuilt
+    while True:
+        m = fast.max()
+        assert m == slow.max() and type(m) is type(slow.max())
+        if m == 0:
+            break
+        np.testing.assert_array_equal(fast.ties(m), slow.ties(m))
+        values[fast.ties(m)[:1]] = 0  # remove one of them, as a chosen component is zeroed
+        values[rng.integers(0, values.size, 3)] = 0  # and a few others anywhere
+
+
+@pytest.mark.parametrize("k", [4, 4096])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dynamic_candidates_with_the_running_maximum_equal_full_passes(monkeypatch, k, seed):
+    """Noise with ~100 candidates (tied values included) and blobs: the same labels and scores as with a
+    pass over the whole array per step."""
+    import pipeline.evaluation.candidates as C
+
+    rng = np.random.default_rng(seed)
+    p = rng.random((40, 36, 24), dtype=np.float32) ** 30
+    p[rng.random(p.shape) < 0.01] = np.float32(0.75)  # a tie group
+    p = np.maximum(p, _ball(p.shape, (10, 12, 8), 3.0, 0.95))
+    params = DynamicExtraction(min_voxels=0, max_lesions=100)
+    real = C._LiveMaxima
+    monkeypatch.setattr(C, "_LiveMaxima", lambda values: _FullPasses(values))
+    slow = dynamic_candidates(p, params)
+    monkeypatch.setattr(C, "_LiveMaxima", lambda values: real(values, k))
+    fast = dynamic_candidates(p, params)
+    assert slow[1].size == 100
+    np.testing.assert_array_equal(fast[0], slow[0])
+    np.testing.assert_array_equal(fast[1], slow[1])
