@@ -121,9 +121,7 @@ def _load_nifti_gz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raw = gzip.decompress(path.read_bytes())
     except gzip.BadGzipFile as exc:
         raise gzip.BadGzipFile(f"not a gzip file ({exc})") from None
-    head = raw[:4]
-    nifti2 = 540 in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
-    image_class = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    image_class = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(raw[:540]) else nib.Nifti1Image
     img = image_class.from_bytes(raw)
     del raw  # the image's BytesIO still holds it: the image goes too on return
     return np.asanyarray(img.dataobj), _nifti_affine(img)
@@ -133,7 +131,7 @@ def _read_nibabel(path: Path) -> Volume:
     import nibabel as nib
 
     try:
-        if path.name.lower().endswith(".nii.gz"):
+        if image_suffix(path) == ".nii.gz":
             data, affine = _load_nifti_gz(path)
         else:
             img = nib.load(str(path))
