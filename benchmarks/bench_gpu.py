@@ -15,7 +15,7 @@ What it does, in order (``--max-seconds`` bounds the whole run; the phases get s
    and our augmentation, ``train.num_workers`` loader workers resolved as training does) and the step
    (``_step``: focal + Dice over the deep-supervision heads, the configured optimiser, gradient clipping);
    AMP as the loop sets it (``amp_settings("auto")``: bf16 where supported, else fp16 with a GradScaler;
-   none on CPU). One step under ``FlopCounterMode`` counts the FLOPs of
+   bf16 on a CPU only where it has native bf16). One step under ``FlopCounterMode`` counts the FLOPs of
    forward + loss + backward (matmul / convolution FLOPs, the usual "model FLOPs"); ``--warmup`` steps
    (cuDNN autotuning) follow, then up to ``--steps`` timed steps, each ended by a device synchronise.
 

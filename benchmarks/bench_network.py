@@ -11,11 +11,15 @@ stride applied at the input convolution, no full-resolution stage). Topology fro
 0.8 x 0.8 x 2.5 mm). Loss: our focal + Dice (``build_loss`` defaults) through ``supervised_loss`` (deep
 supervision heads against downsampled labels); optimiser: SGD Nesterov. Random inputs, one lesion cube.
 Reported: parameters and the median of ``--steps`` timed steps after ``--warmup`` steps, with
-``torch.set_num_threads(--threads)``.
+``torch.set_num_threads(--threads)``, for each ``--amp`` precision (``off``: float32; ``bf16``: the
+training loop's CPU autocast, :func:`pipeline.model.device.autocast`), plus the median forward pass in
+evaluation mode without gradients (one sliding-window batch of inference) and the float32 / bf16 ratios.
 
 Usage::
 
     flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_network.py            # the default candidates
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_network.py --candidates dynunet:8:128:80,96,16:2 \
+        --channels 2 --spacing 0.72 0.72 3 --amp off bf16 --steps 8                 # MS CPU plan, bf16 vs float32
     .venv/bin/python benchmarks/bench_network.py --candidates dynunet:8:128:64,80,24:2 --steps 5
 """
 
@@ -44,7 +48,8 @@ DEFAULT_CANDIDATES = (  # the default CPU plan's patch for the synthetic data, t
 )
 
 
-def build(name: str, base: int, top: int, patch: tuple[int, int, int], spacing: tuple[float, float, float]):
+def build(name: str, base: int, top: int, patch: tuple[int, int, int], spacing: tuple[float, float, float],
+          channels: int = 1):
     from monai.networks.nets import UNet
 
     from pipeline.config import ModelConfig
@@ -54,23 +59,27 @@ def build(name: str, base: int, top: int, patch: tuple[int, int, int], spacing: 
     topo = network_topology(patch, spacing, DEFAULT_MAX_STAGES)
     filters = stage_filters(base, top, len(topo["strides"]))
     if name == "old_unet":  # the previous default, first stride at the input conv (MONAI issue #1258)
-        return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=filters,
+        return UNet(spatial_dims=3, in_channels=channels, out_channels=3, channels=filters,
                     strides=[tuple(s) for s in topo["strides"][1:]], num_res_units=1, norm="INSTANCE")
     network = {"strides": topo["strides"], "kernel_sizes": topo["kernel_sizes"], "filters": filters,
                "pools_per_axis": topo["pools"]}
     cfg = ModelConfig(name=name, base_filters=base, max_filters=top, num_res_units=0)
-    return build_model(cfg, network, 1, 3)
+    return build_model(cfg, network, channels, 3)
 
 
-def time_steps(model, patch, batch: int, warmup: int, steps: int) -> list[float]:
+def time_steps(model, patch, batch: int, warmup: int, steps: int, channels: int = 1,
+               amp: str = "off") -> list[float]:
     import torch
 
     from pipeline.config import LossConfig
     from pipeline.losses import build_loss
+    from pipeline.model.device import amp_dtype, autocast
     from pipeline.training.loop import supervised_loss
 
+    cpu = torch.device("cpu")
+    dtype = amp_dtype(amp, cpu)
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(batch, 1, *patch, generator=g)
+    image = torch.randn(batch, channels, *patch, generator=g)
     label = torch.zeros(batch, 1, *patch, dtype=torch.long)
     label[:, :, 8:16, 8:16, 4:10] = 2
     label[:, :, 20:40, 20:40, :] = torch.where(label[:, :, 20:40, 20:40, :] == 0, 1, 2)
@@ -81,11 +90,35 @@ def time_steps(model, patch, batch: int, warmup: int, steps: int) -> list[float]
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        total, _, _ = supervised_loss(loss_fn, model(image), label)
+        with autocast(cpu, dtype):
+            output = model(image)
+        total, _, _ = supervised_loss(loss_fn, output, label)
         total.backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_forward(model, patch, batch: int, warmup: int, steps: int, channels: int = 1,
+                 amp: str = "off") -> list[float]:
+    """Seconds per evaluation-mode forward pass without gradients (as sliding-window inference runs)."""
+    import torch
+
+    from pipeline.model.device import amp_dtype, autocast
+
+    cpu = torch.device("cpu")
+    image = torch.randn(batch, channels, *patch, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            with autocast(cpu, amp_dtype(amp, cpu)):
+                model(image).float()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    model.train()
     return times
 
 
@@ -96,33 +129,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--channels", type=int, default=1, help="input channels")
+    ap.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16"],
+                    help="precisions to time (bf16: CPU autocast)")
     ap.add_argument("--json", type=Path, help="append one JSON line per candidate to this file")
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    from pipeline.model.device import cpu_has_native_bf16
+
     print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}, "
-          f"{platform.processor() or platform.machine()}")
+          f"{platform.processor() or platform.machine()}, native bf16: {cpu_has_native_bf16()}")
     # one untimed step first: the process's first step pays one-off costs (allocator, kernels, imports)
     time_steps(build("dynunet", 4, 16, (32, 32, 16), tuple(args.spacing)), (32, 32, 16), 1, 1, 0)
-    print("| network | filters | patch x batch | parameters | s / step (median) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| network | filters | patch x batch | parameters | precision | s / step (median) | "
+          "s / forward, eval (median) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for spec in args.candidates:
         name, base, top, patch_txt, batch = spec.split(":")
         patch = tuple(int(n) for n in patch_txt.split(","))
-        torch.manual_seed(0)
-        model = build(name, int(base), int(top), patch, tuple(args.spacing))
-        n_params = sum(p.numel() for p in model.parameters())
-        times = time_steps(model, patch, int(batch), args.warmup, args.steps)
-        med = statistics.median(times)
-        print(f"| {name} | {base}..{top} | {'x'.join(map(str, patch))} x {batch} | {n_params / 1e6:.2f} M | "
-              f"{med:.3f} |", flush=True)
-        if args.json:
-            with args.json.open("a") as fh:
-                fh.write(json.dumps({"candidate": spec, "params": n_params, "step_s": times,
-                                     "median_s": med, "threads": args.threads,
-                                     "load_avg": os.getloadavg()[0]}) + "\n")
+        medians = {}
+        for amp in args.amp:
+            torch.manual_seed(0)
+            model = build(name, int(base), int(top), patch, tuple(args.spacing), args.channels)
+            n_params = sum(p.numel() for p in model.parameters())
+            times = time_steps(model, patch, int(batch), args.warmup, args.steps, args.channels, amp)
+            fwd = time_forward(model, patch, int(batch), args.warmup, args.steps, args.channels, amp)
+            medians[amp] = (statistics.median(times), statistics.median(fwd))
+            print(f"| {name} | {base}..{top} | {'x'.join(map(str, patch))} x {batch} | {n_params / 1e6:.2f} M | "
+                  f"{amp} | {medians[amp][0]:.3f} | {medians[amp][1]:.3f} |", flush=True)
+            if args.json:
+                with args.json.open("a") as fh:
+                    fh.write(json.dumps({"candidate": spec, "amp": amp, "params": n_params, "step_s": times,
+                                         "median_s": medians[amp][0], "forward_s": fwd,
+                                         "threads": args.threads, "load_avg": os.getloadavg()[0]}) + "\n")
+        if "off" in medians and "bf16" in medians:
+            off, bf = medians["off"], medians["bf16"]
+            print(f"| {name} | float32 / bf16 | | | ratio | {off[0] / bf[0]:.2f}x | {off[1] / bf[1]:.2f}x |")
     return 0
 
 

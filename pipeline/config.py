@@ -291,6 +291,8 @@ class TrainConfig(_Section):
     optim: OptimConfig = OptimConfig()
     sampling: SamplingConfig = SamplingConfig()
     augment: AugmentConfig = AugmentConfig()
+    # autocast (pipeline.model.device.amp_dtype): auto = bf16 on a GPU that has it (else fp16 with a gradient
+    # scaler) and on a CPU with native bf16 (else float32); bf16 / fp16 forced; off = float32
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = False
     compile: bool = False
@@ -335,7 +337,7 @@ class InferenceConfig(_Section):
     # evaluate stage: checkpoints whose probabilities are averaged (an ensemble, e.g. one per fold);
     # empty: ``<paths.models>/best.pt``
     checkpoints: tuple[str, ...] = ()
-    amp: bool = True
+    amp: bool = True  # autocast as train.amp: auto (GPU; CPU with native bf16); false: float32
     min_component_mm3: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -7,13 +7,13 @@ Windows run on ``device``; the blended output is accumulated on the CPU (``out_d
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from pipeline.config import InferenceConfig
 from pipeline.losses.probability import probabilities
+from pipeline.model.device import amp_dtype, autocast
 from pipeline.model.factory import main_output
 
 
@@ -24,13 +24,6 @@ def lesion_probability(probs: torch.Tensor, lesion_labels, mode: str) -> torch.T
     """
     lesion = probs[list(lesion_labels)]
     return lesion.sum(0).clamp_(0, 1) if mode == "softmax" else lesion.max(0).values
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
 
 
 @torch.no_grad()
@@ -56,7 +49,7 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, patch_size, cfg
     model.eval()
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        with _autocast(device, cfg.amp):
+        with autocast(device, amp_dtype("auto" if cfg.amp else "off", device)):
             return probabilities(main_output(model(x)).float(), mode)  # float32 even from AMP logits
 
     flips = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if cfg.tta_mirror else [])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from pipeline.model.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.model.device import resolve_device
+from pipeline.model.device import amp_dtype, autocast, resolve_device
 from pipeline.training.budget import WallClockBudget
 from pipeline.training.data import PatchBatches, PreprocessedCase, make_loader, resolve_num_workers
 from pipeline.training.distributed import DistInfo, barrier
@@ -61,12 +60,10 @@ class TrainResult:
 
 
 def amp_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
-    """(enabled, dtype, needs GradScaler): bf16 where supported, else fp16 with a scaler; CUDA only."""
-    if device.type != "cuda" or amp == "off":
-        return False, None, False
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        return True, torch.bfloat16, False
-    return True, torch.float16, True
+    """(enabled, dtype, needs GradScaler): the autocast dtype of :func:`~pipeline.model.device.amp_dtype`
+    (CUDA bf16 or fp16; bf16 on a CPU with native bf16); only fp16 needs a gradient scaler."""
+    dtype = amp_dtype(amp, device)
+    return dtype is not None, dtype, dtype == torch.float16
 
 
 def check_patch_fits(patch_size, cases: list[PreprocessedCase]) -> None:
@@ -409,7 +406,7 @@ def _step(run: Trainee, cfg: Config, batch: dict[str, torch.Tensor], lr: float):
     if tc.channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=run.amp_dtype) if run.amp_dtype is not None else nullcontext():
+    with autocast(device, run.amp_dtype):
         output = run.net(image)
     total, focal, dice = supervised_loss(run.loss_fn, output, target)
     run.scaler.scale(total).backward()

@@ -83,6 +83,17 @@ def test_cache_roundtrip_and_invalidation(bench, tmp_path):
     assert bench.load_cached(path, key) is None
 
 
+def test_cache_key_names_a_forced_spacing_only(bench, tmp_path):
+    own_plan = bench.cache_key("ours", "brats", 0, ["a"], 5)
+    assert "target_spacing_mm" not in own_plan  # results cached at each system's own plan keep their key
+    at_2mm = bench.cache_key("ours", "brats", 0, ["a"], 5, [2, 2, 2])
+    assert at_2mm["target_spacing_mm"] == [2.0, 2.0, 2.0]
+    path = tmp_path / "result.json"
+    bench.save_result(path, {"key": at_2mm, "fold": 0})
+    assert bench.load_cached(path, own_plan) is None  # a 2 mm result never stands in for the full protocol
+    assert bench.load_cached(path, bench.cache_key("ours", "brats", 0, ["a"], 5, [2.0, 2.0, 2.0]))["fold"] == 0
+
+
 def test_metrics_summary_reads_evaluate_output(bench):
     metrics = {"cpm": 0.4, "cpm_ci95": [0.2, 0.6], "sensitivity_at_fp": {"0.125": 0.1, "1": 0.5, "8": 0.75},
                "dice": {"lesion": 0.61}, "lesions_total": 13, "scans_total": 1}
@@ -115,6 +126,9 @@ def test_markdown_tables_means_and_section_replacement(bench, tmp_path):
     assert "| nnunet | 0 | p01 | 10 | 0.200 |" in text
     assert "ours is 5.0x faster" in text  # 10 s/case (nnU-Net) vs 2 s/case (ours)
     assert "prev" not in text.split("| system | patch")[1]  # a system without results has no row
+    assert "reduced protocol" not in text  # each system's own plan
+    at_2mm = bench.markdown("ms", results, pooled, extras, "CMD", "Machine: test", [2.0, 2.0, 2.0])
+    assert "reduced protocol: every system at 2 x 2 x 2 mm" in at_2mm.splitlines()[1]
 
     out = tmp_path / "RESULTS.md"
     out.write_text("# Results\n\nintro\n")

@@ -30,9 +30,10 @@ GOLDEN = {
                            "large_fraction": 0.7, "lesion_contrast_hu": [-90.0, -70.0]},
              "val_fraction": 0.2, "test_fraction": 0.35},
     "preprocess": {"workers": 1},
+    # amp off: float32 everywhere, so a CPU with native bf16 (where `amp: auto` autocasts) pins the same numbers
     "train": {"epochs": 6, "steps_per_epoch": 15, "val_every": 2, "num_workers": 0, "deterministic": True,
-              "device": "cpu", "model": {"base_filters": 8, "max_filters": 32}, "optim": {"lr": 0.01}},
-    "inference": {"overlap": 0.25, "tta_mirror": True, "device": "cpu"},
+              "device": "cpu", "amp": "off", "model": {"base_filters": 8, "max_filters": 32}, "optim": {"lr": 0.01}},
+    "inference": {"overlap": 0.25, "tta_mirror": True, "device": "cpu", "amp": False},
     "evaluation": {"bootstrap": 50},
     "tracking": {"enabled": False},
 }
