@@ -20,8 +20,9 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU runs bfloat16 convolutions in hardware (AVX512-BF16 or AMX tiles).
 
-    There oneDNN's bf16 kernels beat float32 (benchmarks/bench_cpu_bf16.py: 1.7x per training step of the MS
-    CPU plan on 2 Zen 4 cores); elsewhere bf16 is emulated and slower, so ``amp: auto`` keeps float32.
+    There oneDNN's bf16 kernels beat float32 (``benchmarks/bench_network.py --amp off bf16``: 1.6-1.8x per
+    training step and 1.8-2.1x per forward pass of the CPU plans on 2 Zen 4 cores); elsewhere bf16 is
+    emulated and slower, so ``amp: auto`` keeps float32.
     """
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes (torch >= 2.1)
     try:
