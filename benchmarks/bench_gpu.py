@@ -244,11 +244,11 @@ def bench_training(cfg, planned: Any, plan: dict[str, Any], cases: list, device,
     patch = tuple(tc.patch_size or plan["patch_size"])
     batch_size = int(tc.batch_size or plan["batch_size"])
     model, loss_fn = _build_network(cfg, planned, device)
-    amp_on, amp_dtype, use_scaler = amp_settings("auto" if args.amp == "on" else "off", device)
+    autocast_dtype, use_scaler = amp_settings("auto" if args.amp == "on" else "off", device)
     # the LR stays at its peak value: the schedule does not change the cost of a step
     run = Trainee(model=model, net=torch.compile(model) if tc.compile else model, loss_fn=loss_fn,
                   optimizer=build_optimizer(cfg, model), scaler=torch.amp.GradScaler("cuda", enabled=use_scaler),
-                  device=device, amp_dtype=amp_dtype if amp_on else None)
+                  device=device, amp_dtype=autocast_dtype)
 
     model.train()
     reset_peak_memory(device)
@@ -287,7 +287,7 @@ def bench_training(cfg, planned: Any, plan: dict[str, Any], cases: list, device,
         "patch_size": list(patch),
         "batch_size": batch_size,
         "workers": workers,
-        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_on else "off",
+        "amp_dtype": str(autocast_dtype).replace("torch.", "") if autocast_dtype is not None else "off",
         "flops_per_step": flops,
         "steps_timed": len(computes),
         "warmup_steps": args.warmup,
@@ -317,12 +317,11 @@ def wait_fraction(waits: list[float], computes: list[float]) -> float:
 def bench_inference(cfg, plan: dict[str, Any], model, device, args: argparse.Namespace, patch,
                     until: float) -> dict[str, Any]:
     """Ours against MONAI's ``sliding_window_inference`` on one random volume (see the module docstring)."""
-    from contextlib import nullcontext
-
     import torch
     from monai.inferers import sliding_window_inference
 
     from pipeline.inference.sliding_window import predict_probabilities
+    from pipeline.model.device import amp_dtype, autocast
 
     inf = cfg.inference.model_copy(update={"tta_mirror": False})
     shape = tuple(args.infer_shape) if args.infer_shape else tuple(2 * int(p) for p in patch)
@@ -330,8 +329,8 @@ def bench_inference(cfg, plan: dict[str, Any], model, device, args: argparse.Nam
     image = torch.randn((len(plan["channel_names"]), *shape), generator=gen)
     mode = cfg.train.loss.mode
     model.eval()
-    amp_on = inf.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp_on and torch.cuda.is_bf16_supported() else torch.float16
+    # the autocast predict_probabilities applies (inference.amp), so MONAI runs under the same precision
+    inf_dtype = amp_dtype("auto" if inf.amp else "off", device)
 
     def ours() -> torch.Tensor:
         return predict_probabilities(model, image, patch, inf, mode, device)  # host accumulation (default)
@@ -342,7 +341,7 @@ def bench_inference(cfg, plan: dict[str, Any], model, device, args: argparse.Nam
     @torch.no_grad()
     def monai() -> torch.Tensor:
         x = image[None].to(device)
-        with torch.autocast("cuda", dtype=amp_dtype) if amp_on else nullcontext():
+        with autocast(device, inf_dtype):
             logits = sliding_window_inference(x, roi_size=tuple(patch), sw_batch_size=inf.sw_batch_size,
                                               predictor=model, overlap=inf.overlap, mode=inf.blend)
         return torch.softmax(logits.float(), dim=1) if mode == "softmax" else torch.sigmoid(logits.float())
@@ -370,7 +369,7 @@ def bench_inference(cfg, plan: dict[str, Any], model, device, args: argparse.Nam
         "overlap": inf.overlap,
         "sw_batch_size": inf.sw_batch_size,
         "blend": inf.blend,
-        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_on else "off",
+        "amp_dtype": str(inf_dtype).replace("torch.", "") if inf_dtype is not None else "off",
         "tta_mirror": False,
         "rounds_timed": len(times["ours"]),
         "peak_gpu_memory_gb": peak_memory_gb(device),

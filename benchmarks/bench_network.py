@@ -108,13 +108,14 @@ def time_forward(model, patch, batch: int, warmup: int, steps: int, channels: in
     from pipeline.model.device import amp_dtype, autocast
 
     cpu = torch.device("cpu")
+    dtype = amp_dtype(amp, cpu)
     image = torch.randn(batch, channels, *patch, generator=torch.Generator().manual_seed(0))
     model.eval()
     times = []
     with torch.no_grad():
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            with autocast(cpu, amp_dtype(amp, cpu)):
+            with autocast(cpu, dtype):
                 model(image).float()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)

@@ -48,8 +48,10 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, patch_size, cfg
     was_training = model.training
     model.eval()
 
+    dtype = amp_dtype("auto" if cfg.amp else "off", device)
+
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        with autocast(device, amp_dtype("auto" if cfg.amp else "off", device)):
+        with autocast(device, dtype):
             return probabilities(main_output(model(x)).float(), mode)  # float32 even from AMP logits
 
     flips = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if cfg.tta_mirror else [])

@@ -59,11 +59,11 @@ class TrainResult:
     elapsed_s: float = 0.0  # wall-clock seconds of the whole run (what the budget counts)
 
 
-def amp_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
-    """(enabled, dtype, needs GradScaler): the autocast dtype of :func:`~pipeline.model.device.amp_dtype`
+def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, needs GradScaler): the dtype of :func:`~pipeline.model.device.amp_dtype`
     (CUDA bf16 or fp16; bf16 on a CPU with native bf16); only fp16 needs a gradient scaler."""
     dtype = amp_dtype(amp, device)
-    return dtype is not None, dtype, dtype == torch.float16
+    return dtype, dtype == torch.float16
 
 
 def check_patch_fits(patch_size, cases: list[PreprocessedCase]) -> None:
@@ -186,13 +186,13 @@ def train(cfg: Config, plan: Plan, train_cases: list[PreprocessedCase], val_case
     # 1. network, loss, optimiser; 2. resume; then DDP / compile around the (resumed) model
     model, loss_fn = _build_network(cfg, plan, device)
     optimizer = build_optimizer(cfg, model)
-    amp_on, amp_dtype, use_scaler = amp_settings(tc.amp, device)
+    autocast_dtype, use_scaler = amp_settings(tc.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     last_path, best_path = last_checkpoint(out_dir), best_checkpoint(out_dir)
     state = _resume(last_path, cfg, plan, model, optimizer, scaler, device) if resume else RunState()
     budget = WallClockBudget(tc.time_budget_min, state.elapsed_before_s)
     run = Trainee(model, _wrap(model, cfg, dist_info, device), loss_fn, optimizer, scaler, device,
-                  amp_dtype if amp_on else None)
+                  autocast_dtype)
 
     batches, workers = _open_batches(cfg, plan, train_cases, patch, batch_size, state.start_epoch, dist_info, device)
     log.info("training: %d loader worker(s), %s", workers,

@@ -20,7 +20,7 @@ def test_cpu_autocast_is_bf16_only_where_the_cpu_has_it_or_when_asked(monkeypatc
     assert amp_dtype("fp16", CPU) is None  # no fast fp16 path on a CPU: float32
     assert amp_dtype("off", CPU) is None
     # training: bf16 needs no gradient scaler
-    assert amp_settings("auto", CPU) == ((True, torch.bfloat16, False) if native else (False, None, False))
+    assert amp_settings("auto", CPU) == ((torch.bfloat16, False) if native else (None, False))
 
 
 def test_native_bf16_probe_answers_a_bool_and_matches_torch():
