@@ -201,6 +201,9 @@ class LossConfig(_Section):
 
 class SamplingConfig(_Section):
     lesion_fraction: float = Field(1 / 3, ge=0, le=1)  # share of patches centred on a lesion
+    # lesion patches per batch: "expected" = f*B on average (floor, +1 with the remainder's probability);
+    # "fixed" = nnU-Net's B - round(B (1 - f)) in every batch (batch 2 at f = 1/3: exactly one)
+    lesion_count: Literal["expected", "fixed"] = "expected"
     lesion_weighting: Literal["uniform", "volume", "sqrt_volume"] = "uniform"  # choice among lesions
     class_balance: bool = True  # several lesion classes: each class present equally often, then a lesion
 
@@ -358,6 +361,9 @@ class EvaluationConfig(_Section):
     score: Literal["max", "mean"] = "max"
     hit_criterion: Literal["iou", "peak", "distance"] = "iou"
     iou_threshold: float = Field(0.1, gt=0, le=1)
+    # GT lesions below this volume (mm^3) are not counted; candidates touching only them are not FPs
+    # (BraTS 2023+ lesion-wise metrics: 50 voxels for gliomas). 0: every lesion counts
+    min_lesion_mm3: float = Field(0.0, ge=0)
     fp_rates: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     bootstrap: int = Field(1000, ge=0)
     bootstrap_seed: int = 0

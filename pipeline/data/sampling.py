@@ -76,10 +76,13 @@ class PatchSampler:
     """Chooses patch centres over a set of scans. Pure given its ``numpy.random.Generator``."""
 
     def __init__(self, shapes: list[tuple[int, int, int]], indices: list[LesionIndex], lesion_fraction: float,
-                 weighting: str = "uniform", class_balance: bool = True):
+                 weighting: str = "uniform", class_balance: bool = True, count: str = "expected"):
+        if count not in ("expected", "fixed"):
+            raise ValueError(f"unknown lesion patch count rule {count!r} (use 'expected' or 'fixed')")
         self.shapes = shapes
         self.indices = indices
         self.lesion_fraction = lesion_fraction
+        self.count = count
         # one global table of lesions: (case, component) with its choice probability
         self.table = np.array([(c, k) for c, idx in enumerate(indices) for k in range(idx.n_lesions)], dtype=np.int64)
         sizes = np.concatenate([idx.sizes for idx in indices]) if self.table.size else np.zeros(0)
@@ -95,6 +98,17 @@ class PatchSampler:
             self.probs = probs
 
     def n_lesion_patches(self, rng: np.random.Generator, batch_size: int) -> int:
+        """Lesion-centred patches in a batch of ``batch_size``.
+
+        * ``"expected"``: ``floor(f B)``, plus one with probability ``f B - floor(f B)`` (mean ``f B``);
+        * ``"fixed"``: nnU-Net's ``B - round(B (1 - f))`` in every batch (its ``_oversample_last_XX_percent``;
+          batch 2 at f = 1/3 -> 1, batch 8 -> 3), so that no batch lacks foreground; where that is 0 but f > 0
+          (batch 1) it falls back to ``"expected"``.
+        """
+        if self.count == "fixed":
+            n = batch_size - round(batch_size * (1.0 - self.lesion_fraction))
+            if n > 0 or self.lesion_fraction == 0:
+                return n
         expected = self.lesion_fraction * batch_size
         n = int(np.floor(expected))
         return n + int(rng.random() < expected - n)

@@ -79,6 +79,7 @@ class EvaluationResult:
             "sensitivity_at_fp_ci95": sens_ci,
             "lesions_total": self.curve.n_lesions,
             "lesions_detected": int(self.curve.tp[-1]),
+            "lesions_excluded": sum(c.n_excluded for c in self.cases),
             "max_sensitivity": float(self.curve.sensitivity[-1]) if self.curve.n_lesions else None,
             "scans_total": self.curve.n_scans,
             "scans_with_lesions": sum(1 for c in self.cases if c.n_lesions),
@@ -187,7 +188,8 @@ def evaluate_validated(scan: str, pred: np.ndarray, score: tuple[np.ndarray, boo
     match = match_case(scan, score_map, gmask, affine, is_label_map=is_label,
                        extraction_threshold=cfg.extraction_threshold, score=cfg.score,
                        hit_criterion=cfg.hit_criterion, iou_threshold=cfg.iou_threshold,
-                       max_candidates=cfg.max_candidates_per_scan, dynamic=extraction_params(cfg))
+                       max_candidates=cfg.max_candidates_per_scan, dynamic=extraction_params(cfg),
+                       min_lesion_mm3=cfg.min_lesion_mm3)
     scores: dict[str, VoxelScores] = {}
     if voxel_metrics:
         spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
@@ -224,6 +226,7 @@ def summarize(cases: list[CaseMatch], voxel: dict[str, list[VoxelScores]], cfg: 
         "extraction": cfg.extraction, "extraction_threshold": cfg.extraction_threshold,
         "dynamic": cfg.dynamic.model_dump(), "score": cfg.score,
         "hit_criterion": cfg.hit_criterion, "iou_threshold": cfg.iou_threshold, "fp_rates": list(rates),
+        "min_lesion_mm3": cfg.min_lesion_mm3,
         "bootstrap": cfg.bootstrap, "bootstrap_seed": cfg.bootstrap_seed,
         "size_buckets_mm": list(cfg.size_buckets_mm), "surface_tolerance_mm": cfg.surface_tolerance_mm,
         "max_candidates_per_scan": cfg.max_candidates_per_scan, "operating_fp_rate": cfg.operating_fp_rate,

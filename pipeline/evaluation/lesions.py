@@ -21,6 +21,10 @@ Conventions (the LUNA16 ones, see also :mod:`pipeline.evaluation`):
   candidate id is recorded as its match). A candidate that hits at least one lesion but is the match of
   none is **ignored** (neither TP nor FP, the LUNA16 rule for extra marks on a found nodule). Candidates
   that hit nothing are **false positives**. Scans without lesions contribute only false positives.
+* GT lesions smaller than ``min_lesion_mm3`` (default 0: none) are **excluded** from the count, and a
+  candidate that would be a false positive but touches one is ignored -- as the BraTS 2023+ lesion-wise
+  metrics leave out lesions below a volume threshold (50 voxels for gliomas), so that one-voxel label
+  fragments do not dominate a lesion count.
 * At most ``max_candidates_per_scan`` candidates are kept per scan (the highest-scoring; ties by id);
   the others are dropped entirely (a warning names the scan).
 
@@ -88,6 +92,7 @@ class CaseMatch:
         pairs: ``(P, 2)`` (candidate id, lesion id) of every hit, 1-based.
         pair_iou: ``(P,)`` IoU of each hit pair.
         n_dropped: candidates dropped by the ``max_candidates_per_scan`` cap.
+        n_excluded: GT lesions left out for being smaller than ``min_lesion_mm3``.
     """
 
     scan: str
@@ -100,6 +105,7 @@ class CaseMatch:
     pairs: np.ndarray
     pair_iou: np.ndarray
     n_dropped: int = 0
+    n_excluded: int = 0
 
     @property
     def n_lesions(self) -> int:
@@ -402,7 +408,8 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 def match_case(scan: str, score_map: np.ndarray, lesion_mask: np.ndarray, affine, *,
                is_label_map: bool = False, extraction_threshold: float = 0.1, score: str = "max",
                hit_criterion: str = "iou", iou_threshold: float = 0.1,
-               max_candidates: int | None = None, dynamic: DynamicExtraction | None = None) -> CaseMatch:
+               max_candidates: int | None = None, dynamic: DynamicExtraction | None = None,
+               min_lesion_mm3: float = 0.0) -> CaseMatch:
     """Extract candidates and GT lesions of one scan and match them (see the module conventions).
 
     Args:
@@ -414,9 +421,12 @@ def match_case(scan: str, score_map: np.ndarray, lesion_mask: np.ndarray, affine
         extraction_threshold, score, hit_criterion, iou_threshold: see the module docstring.
         max_candidates: keep at most this many candidates (highest scores), warn when exceeded.
         dynamic: peak-relative extraction parameters (None: static at ``extraction_threshold``).
+        min_lesion_mm3: GT lesions with a volume below this (mm^3) are **excluded**: they are not counted
+            (neither hit nor missed), and a candidate that would otherwise be a false positive but overlaps
+            an excluded lesion by at least one voxel is ignored. 0 keeps every lesion.
 
     Returns:
-        :class:`CaseMatch`.
+        :class:`CaseMatch` (``lesions`` holds the counted lesions only; ``n_excluded`` the others).
     """
     affine = check_affine(affine)
     if score_map.shape != lesion_mask.shape:
@@ -440,12 +450,40 @@ def match_case(scan: str, score_map: np.ndarray, lesion_mask: np.ndarray, affine
     ic, ig, inter = ic[sel], ig[sel], inter[sel]
     pc, pg = hit_pairs(hit_criterion, cands, lesions, ic, ig, inter, gt_labels, iou_threshold)
     pair_iou = _pair_iou(pc, pg, ic, ig, inter, cands, lesions)
+    touches_excluded = np.zeros(0, np.int64)
+    n_excluded = 0
+    if min_lesion_mm3 > 0 and len(lesions):
+        lesions, (pc, pg, pair_iou), touches_excluded, n_excluded = _exclude_small(
+            lesions, min_lesion_mm3, (pc, pg, pair_iou), ic, ig)
     lesion_score, lesion_match, outcome = resolve_hits(cands.score, len(lesions), pc, pg)
+    if touches_excluded.size:
+        fp_touching = touches_excluded[outcome[touches_excluded - 1] == FP]
+        outcome[fp_touching - 1] = IGNORED
     lesion_iou = np.zeros(len(lesions))
     is_match = lesion_match[pg - 1] == pc
     lesion_iou[pg[is_match] - 1] = pair_iou[is_match]
     return CaseMatch(scan, lesions, cands, lesion_score, lesion_match, lesion_iou, outcome,
-                     np.stack([pc, pg], axis=1).astype(np.int64), pair_iou, n_dropped)
+                     np.stack([pc, pg], axis=1).astype(np.int64), pair_iou, n_dropped, n_excluded)
+
+
+def _exclude_small(lesions: ComponentTable, min_mm3: float, pairs: tuple[np.ndarray, ...], ic: np.ndarray,
+                   ig: np.ndarray) -> tuple[ComponentTable, tuple[np.ndarray, ...], np.ndarray, int]:
+    """Drop GT lesions below ``min_mm3`` from the table and the hit pairs (lesion ids renumbered 1..kept).
+
+    Returns:
+        (kept lesions, (pair candidate ids, pair lesion ids, pair IoU) of kept lesions, ids of the
+        candidates overlapping an excluded lesion (1-based, unique), number excluded)
+    """
+    keep = lesions.volume_mm3 >= min_mm3 * (1 - 1e-9)  # the affine's determinant is not exact (8 -> 7.99..)
+    n_excluded = int(np.count_nonzero(~keep))
+    if n_excluded == 0:
+        return lesions, pairs, np.zeros(0, np.int64), 0
+    new_id = np.zeros(len(lesions) + 1, np.int64)
+    new_id[1:][keep] = np.arange(1, int(keep.sum()) + 1)
+    pc, pg, piou = pairs
+    sel = keep[pg - 1] if pg.size else np.zeros(0, bool)
+    touching = np.unique(ic[~keep[ig - 1]]) if ig.size else np.zeros(0, np.int64)
+    return lesions.subset(keep), (pc[sel], new_id[pg[sel]], piou[sel]), touching.astype(np.int64), n_excluded
 
 
 def _pair_iou(pc: np.ndarray, pg: np.ndarray, ic: np.ndarray, ig: np.ndarray, inter: np.ndarray,

@@ -245,7 +245,8 @@ class PatchBatches(IterableDataset):
         self.anisotropic_axis = anisotropic_axis
         indices: list[LesionIndex] = [index_lesions(c.label, lesion_labels) for c in cases]
         self.sampler = PatchSampler([c.label.shape for c in cases], indices, sampler_cfg.lesion_fraction,
-                                    sampler_cfg.lesion_weighting, sampler_cfg.class_balance)
+                                    sampler_cfg.lesion_weighting, sampler_cfg.class_balance,
+                                    sampler_cfg.lesion_count)
         self.epoch, self.steps, self.first_step = 0, 0, 0
         self.stream: tuple[int, int, int] = (1, 0, 0)  # (steps per epoch, first, end global step)
 

@@ -64,7 +64,8 @@ def validate_scan(model: nn.Module, case: PreprocessedCase, plan: Plan, cfg: Con
     match = match_case(case.case_id, lesion_prob, truth, make_affine(case.spacing_mm),
                        extraction_threshold=ev.extraction_threshold, score=ev.score,
                        hit_criterion=ev.hit_criterion, iou_threshold=ev.iou_threshold,
-                       max_candidates=ev.max_candidates_per_scan, dynamic=extraction_params(ev))
+                       max_candidates=ev.max_candidates_per_scan, dynamic=extraction_params(ev),
+                       min_lesion_mm3=ev.min_lesion_mm3)
     predicted = np.isin(probs.argmax(0).numpy(), lesion_labels)
     dice = voxel_dice(predicted, truth) if truth.any() or predicted.any() else None
     return ScanResult(case.case_id, match.lesion_score, match.fp_scores, dice)

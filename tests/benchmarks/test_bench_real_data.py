@@ -6,6 +6,7 @@ right, so it cannot rot between runs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,37 @@ def test_trainer_is_linked_into_the_installed_package(bench, tmp_path):
     target = pkg / "nnUNetTrainerBudget.py"
     assert target.is_symlink() and target.resolve() == (
         REPO / "benchmarks" / "nnunet_ext" / "trainers" / "nnUNetTrainerBudget.py").resolve()
+
+
+def test_brats_counts_lesions_from_50_mm3_and_ms_counts_all(bench):
+    assert bench.scoring("brats") == {"enhancing": 50.0, "whole_tumour": 50.0}  # the BraTS 2023+ glioma rule
+    assert bench.scoring("ms") == {"lesion_change": 0.0}
+
+
+def test_results_scored_under_another_protocol_are_rescored_from_their_predictions(bench, tmp_path):
+    nib = pytest.importorskip("nibabel")
+    import argparse
+
+    opts = argparse.Namespace(work=tmp_path)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    gt = np.zeros((16, 16, 16), np.uint8)
+    gt[2, 2, 2] = 1  # a one-voxel fragment (1 mm^3): not counted from 50 mm^3 on
+    gt[8:12, 8:12, 8:12] = 1  # 64 mm^3
+    prob = np.zeros(gt.shape, np.float32)
+    prob[8:12, 8:12, 8:12] = 0.9
+    predictions = {}
+    for name in ("enhancing", "whole_tumour"):
+        (tmp_path / "brats" / "gt" / name / "fold0").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(gt, affine), str(tmp_path / "brats" / "gt" / name / "fold0" / "c.nii.gz"))
+        (tmp_path / "pred" / name).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(prob, affine), str(tmp_path / "pred" / name / "c.nii.gz"))
+        predictions[name] = str(tmp_path / "pred" / name)
+    old = {"system": "ours", "predictions": predictions,
+           "metrics": {n: {"cpm": 0.5, "lesions": 2} for n in predictions}}  # no "scoring": every lesion counted
+    new = bench.rescore(old, "brats", 0, opts)
+    assert new["scoring"] == bench.scoring("brats")
+    for name in predictions:
+        assert new["metrics"][name]["lesions"] == 1 and new["metrics"][name]["cpm"] == pytest.approx(1.0)
+    saved = json.loads((tmp_path / "brats" / "ours" / "fold0" / "result.json").read_text())  # the cache, updated
+    assert saved["scoring"] == bench.scoring("brats") and saved["metrics"] == new["metrics"]
+    assert bench.rescore(new, "brats", 0, opts) is new  # already under this protocol: untouched

@@ -99,6 +99,31 @@ def test_lesion_patch_share_matches_fraction(fraction, batch_size):
     assert_binomial(int((counts == floor + 1).sum()), n_batches, fraction * batch_size - floor)
 
 
+@pytest.mark.parametrize(
+    ("fraction", "batch_size", "expected"),
+    [(1 / 3, 2, 1), (1 / 3, 4, 1), (1 / 3, 8, 3), (0.5, 2, 1), (0.67, 2, 1), (0.9, 2, 2), (1.0, 3, 3), (0.0, 4, 0)],
+)
+def test_fixed_count_is_nnunets_rounding_in_every_batch(fraction, batch_size, expected):
+    # nnU-Net's _oversample_last_XX_percent: sample i is lesion-centred unless i < round(B (1 - f))
+    assert batch_size - round(batch_size * (1 - fraction)) == expected
+    indices = [index_lesions(small_and_big_lesion(), (2,))]
+    sampler = PatchSampler([small_and_big_lesion().shape], indices, fraction, count="fixed")
+    rng = np.random.default_rng(5)
+    counts = {sum(flag for _, _, flag in sampler.batch(rng, batch_size)) for _ in range(300)}
+    assert counts == {expected}
+
+
+def test_fixed_count_with_batch_one_falls_back_to_the_expected_share():
+    indices = [index_lesions(small_and_big_lesion(), (2,))]
+    sampler = PatchSampler([small_and_big_lesion().shape], indices, 1 / 3, count="fixed")
+    rng = np.random.default_rng(9)
+    n = 3000
+    hits = sum(flag for _ in range(n) for _, _, flag in sampler.batch(rng, 1))  # nnU-Net's rule would give 0
+    assert_binomial(hits, n, 1 / 3)
+    with pytest.raises(ValueError, match="count rule"):
+        PatchSampler([small_and_big_lesion().shape], indices, 1 / 3, count="round")
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_lesion_share_extremes(fraction):
     sampler = sampler_for([small_and_big_lesion()], fraction=fraction)

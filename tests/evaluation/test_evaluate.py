@@ -239,3 +239,21 @@ def test_evaluate_folders_in_threads_equals_in_memory(tmp_path, workers):
                          workers=workers)
     assert len(info.value.problems) == 2 and "c2.nii.gz" in str(info.value) and "b5.nii.gz" in str(info.value)
     assert not (tmp_path / "out2").exists()
+
+
+def test_min_lesion_volume_changes_the_count_and_is_recorded():
+    # lesions: a 27 (found 0.9) and 64 (0.6) voxels, b 54 (0.8; second candidate 0.3), c 27 (missed) and 27
+    # (0.5). At 30 voxels the three 27-voxel lesions are excluded: a's 0.9 and c's 0.5 candidates touch
+    # them and are ignored, not false positives; the FPs 0.95, 0.7, 0.4 stay.
+    vox_mm3 = float(np.prod(SPACING))
+    cases = [(n, p, g, make_affine(SPACING)) for n, p, g in scans()]
+    cfg = EvaluationConfig(bootstrap=0, extraction="static", min_lesion_mm3=30 * vox_mm3)
+    r = evaluate_cases(cases, cfg, lesion_label=1)
+    m = r.to_metrics()
+    assert m["lesions_total"] == 2 and m["lesions_excluded"] == 3 and m["lesions_detected"] == 2
+    assert m["false_positives_total"] == 3 and m["candidates_ignored"] == 3
+    # lesion scores 0.6, 0.8; FPs 0.95, 0.7, 0.4 over 4 scans: (0.25, 0) (0.25, 0.5) (0.5, 0.5) (0.5, 1) ...
+    np.testing.assert_allclose(r.sensitivity_at_fp, [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert m["settings"]["min_lesion_mm3"] == pytest.approx(30 * vox_mm3)
+    base = evaluate_cases(cases, EvaluationConfig(bootstrap=0, extraction="static"), lesion_label=1).to_metrics()
+    assert base["lesions_total"] == 5 and base["lesions_excluded"] == 0

@@ -247,3 +247,37 @@ def test_geometry_is_an_affine_only():
     with pytest.raises(ValueError, match="non-singular"):
         check_affine(np.zeros((4, 4)))
     assert check_affine(np.diag([0.8, 0.8, 2.5, 1])).dtype == np.float64
+
+
+def test_lesions_below_min_volume_are_excluded_and_candidates_touching_them_ignored():
+    gt = box((1, 1, 1), (2, 2, 2), dtype=bool)  # lesion 1: one voxel (1 mm^3), lower id than the big one
+    box((8, 8, 8), (12, 12, 12), out=gt)  # lesion 2: 64 voxels
+    prob = box((1, 1, 1), (2, 3, 2), 0.9)  # a candidate on the one-voxel lesion (IoU 0.5)
+    box((8, 8, 8), (12, 12, 12), 0.6, out=prob)  # the big lesion's candidate
+    box((15, 15, 15), (17, 17, 17), 0.7, out=prob)  # a false positive far from both
+    every = run(prob, gt)
+    assert every.n_lesions == 2 and every.n_excluded == 0
+    np.testing.assert_array_equal(every.candidate_outcome, [TP, TP, FP])
+
+    m = run(prob, gt, min_lesion_mm3=2.0)
+    assert m.n_lesions == 1 and m.n_excluded == 1
+    assert m.lesions.voxels.tolist() == [64]
+    np.testing.assert_allclose(m.lesion_score, [0.6], rtol=1e-6)
+    np.testing.assert_array_equal(m.lesion_match, [2])  # candidate ids are unchanged
+    np.testing.assert_array_equal(m.lesion_iou, [1.0])
+    np.testing.assert_array_equal(m.candidate_outcome, [IGNORED, TP, FP])
+    np.testing.assert_array_equal(m.pairs, [[2, 1]])  # lesion ids renumbered to the kept table
+    assert m.records() == [(1, pytest.approx(0.6), 1.0), (0, pytest.approx(0.7), 0.0)]
+
+
+def test_min_lesion_volume_is_in_mm3_and_touching_is_enough_to_be_ignored():
+    gt = box((4, 4, 4), (5, 5, 5), dtype=bool)  # one voxel
+    prob = box((4, 4, 4), (10, 10, 10), 0.8)  # IoU 1/216: no hit, but it touches the lesion
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 8 mm^3 per voxel
+    kept = match_case("s", prob, gt, affine, min_lesion_mm3=8.0)  # inclusive: 8 mm^3 is kept
+    assert kept.n_lesions == 1 and np.isnan(kept.lesion_score[0])
+    np.testing.assert_array_equal(kept.candidate_outcome, [FP])
+    dropped = match_case("s", prob, gt, affine, min_lesion_mm3=8.5)
+    assert dropped.n_lesions == 0 and dropped.n_excluded == 1
+    np.testing.assert_array_equal(dropped.candidate_outcome, [IGNORED])
+    assert dropped.records() == []
