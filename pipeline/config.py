@@ -222,7 +222,9 @@ class AugmentConfig(_Section):
     elastic_prob: float = Field(0.0, ge=0, le=1)  # nnU-Net: off
     elastic_scale: tuple[float, float] = (0.1, 0.25)  # control-point spacing, fraction of the patch edge
     elastic_magnitude_vox: tuple[float, float] = (1.0, 4.0)  # largest displacement, voxels
-    # intensity, each channel drawn independently
+    # intensity: each channel drawn independently (nnU-Net), or one draw for all channels when synchronised
+    # (channels that are one modality at several time points: independent draws fake changes between them)
+    synchronize_channels: bool = False
     noise_prob: float = Field(0.1, ge=0, le=1)
     noise_std: tuple[float, float] = (0.0, 0.1)  # one std per patch (nnU-Net syncs it), fields per channel
     blur_prob: float = Field(0.2, ge=0, le=1)

@@ -225,31 +225,50 @@ def augment_intensity(image: torch.Tensor, rng: np.random.Generator, cfg: Augmen
     """nnU-Net v2's intensity chain on a ``(C, X, Y, Z)`` patch, in place and in its order: noise, blur,
     brightness, contrast, low resolution, inverted gamma, gamma. Each transform is switched on per patch
     with its ``*_prob``; its parameters are drawn per channel (independent channels), except the noise std,
-    which nnU-Net shares between channels (the noise fields themselves are independent)."""
+    which nnU-Net shares between channels (the noise fields themselves are independent).
+
+    With ``cfg.synchronize_channels`` (batchgeneratorsv2's ``synchronize_channels``) every channel gets the
+    same draw -- the per-channel switch of blur and low resolution included -- so the channels' relation is
+    kept: two visits of one modality stay comparable, and no change between them is faked."""
     n_channels = image.shape[0]
+    sync = cfg.synchronize_channels
+
+    def per_channel(draw):
+        """One draw per channel, or one shared by all channels."""
+        if sync:
+            value = draw()
+            return [value] * n_channels
+        return [draw() for _ in range(n_channels)]
+
     if rng.random() < cfg.noise_prob:
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         gaussian_noise_(image, float(rng.uniform(*cfg.noise_std)), generator)
     if rng.random() < cfg.blur_prob:
-        for c in range(n_channels):
-            if rng.random() < cfg.blur_channel_prob:
-                gaussian_blur_(image[c], rng.uniform(*cfg.blur_sigma_vox, 3))
+        def blur_sigmas():  # a channel's switch, then its sigmas when on: nnU-Net's order of draws
+            return rng.uniform(*cfg.blur_sigma_vox, 3) if rng.random() < cfg.blur_channel_prob else None
+
+        for c, sigmas in enumerate(per_channel(blur_sigmas)):
+            if sigmas is not None:
+                gaussian_blur_(image[c], sigmas)
     if rng.random() < cfg.brightness_prob:
-        for c in range(n_channels):
-            image[c].mul_(bg_factor(rng, *cfg.brightness_range))
+        for c, factor in enumerate(per_channel(lambda: bg_factor(rng, *cfg.brightness_range))):
+            image[c].mul_(factor)
     if rng.random() < cfg.contrast_prob:
-        for c in range(n_channels):
-            contrast_(image[c], bg_factor(rng, *cfg.contrast_range))
+        for c, factor in enumerate(per_channel(lambda: bg_factor(rng, *cfg.contrast_range))):
+            contrast_(image[c], factor)
     if rng.random() < cfg.lowres_prob:
-        for c in range(n_channels):
-            if rng.random() < cfg.lowres_channel_prob:
-                simulate_low_resolution_(image[c], float(rng.uniform(*cfg.lowres_scale)), anisotropic_axis)
+        def lowres_scale():
+            return float(rng.uniform(*cfg.lowres_scale)) if rng.random() < cfg.lowres_channel_prob else None
+
+        for c, scale in enumerate(per_channel(lowres_scale)):
+            if scale is not None:
+                simulate_low_resolution_(image[c], scale, anisotropic_axis)
     if rng.random() < cfg.gamma_inverted_prob:
-        for c in range(n_channels):
-            gamma_(image[c], bg_factor(rng, *cfg.gamma_range), invert=True)
+        for c, gamma in enumerate(per_channel(lambda: bg_factor(rng, *cfg.gamma_range))):
+            gamma_(image[c], gamma, invert=True)
     if rng.random() < cfg.gamma_prob:
-        for c in range(n_channels):
-            gamma_(image[c], bg_factor(rng, *cfg.gamma_range), invert=False)
+        for c, gamma in enumerate(per_channel(lambda: bg_factor(rng, *cfg.gamma_range))):
+            gamma_(image[c], gamma, invert=False)
     return image
 
 

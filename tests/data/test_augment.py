@@ -96,6 +96,84 @@ def test_intensity_parameters_are_drawn_per_channel():
         assert 0.75 <= ratios[c] <= 1.25
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_synchronized_channels_get_one_draw_for_all_channels(seed):
+    """Two visits of one modality: identical channels stay identical through every intensity transform (the
+    per-channel switches of blur and low resolution included); with independent draws they part."""
+    image, label = scan(channels=3)
+    image[1] = image[0]
+    image[2] = 2 * image[0]  # a scaled copy: multipliers keep the ratio when synchronised
+    on = dict(blur_prob=1.0, brightness_prob=1.0, contrast_prob=1.0, lowres_prob=1.0, gamma_inverted_prob=1.0,
+              gamma_prob=1.0)
+    sync, independent = only(**on, synchronize_channels=True), only(**on)
+    img, _ = A.augment_patch(image, label, (20, 18, 16), (16, 16, 16), np.random.default_rng(seed), sync)
+    assert torch.equal(img[0], img[1])
+    assert not torch.allclose(img[0], torch.from_numpy(crop_patch(image, *crop_box(label.shape, (20, 18, 16),
+                                                                                    (16, 16, 16)))[0]))
+    img, _ = A.augment_patch(image, label, (20, 18, 16), (16, 16, 16), np.random.default_rng(seed),
+                             only(brightness_prob=1.0, synchronize_channels=True))
+    torch.testing.assert_close(img[2], 2 * img[0])
+    img, _ = A.augment_patch(image, label, (20, 18, 16), (16, 16, 16), np.random.default_rng(seed), independent)
+    assert not torch.allclose(img[0], img[1])
+
+
+def nnunet_order_intensity(image, rng, cfg):
+    """The intensity chain drawn channel by channel in nnU-Net's order (a channel's switch, then its
+    parameters): the reference that independent draws must reproduce draw for draw."""
+    if rng.random() < cfg.noise_prob:
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        A.gaussian_noise_(image, float(rng.uniform(*cfg.noise_std)), generator)
+    if rng.random() < cfg.blur_prob:
+        for c in range(image.shape[0]):
+            if rng.random() < cfg.blur_channel_prob:
+                A.gaussian_blur_(image[c], rng.uniform(*cfg.blur_sigma_vox, 3))
+    if rng.random() < cfg.brightness_prob:
+        for c in range(image.shape[0]):
+            image[c].mul_(A.bg_factor(rng, *cfg.brightness_range))
+    if rng.random() < cfg.contrast_prob:
+        for c in range(image.shape[0]):
+            A.contrast_(image[c], A.bg_factor(rng, *cfg.contrast_range))
+    if rng.random() < cfg.lowres_prob:
+        for c in range(image.shape[0]):
+            if rng.random() < cfg.lowres_channel_prob:
+                A.simulate_low_resolution_(image[c], float(rng.uniform(*cfg.lowres_scale)))
+    for invert, prob in ((True, cfg.gamma_inverted_prob), (False, cfg.gamma_prob)):
+        if rng.random() < prob:
+            for c in range(image.shape[0]):
+                A.gamma_(image[c], A.bg_factor(rng, *cfg.gamma_range), invert=invert)
+    return image
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_independent_channels_keep_nnunets_order_of_draws(seed):
+    """Adding synchronised draws must not change the independent default draw for draw (runs stay
+    comparable with earlier ones): same patch and same generator state afterwards as the reference."""
+    cfg = AugmentConfig(noise_prob=1.0, blur_prob=1.0, brightness_prob=1.0, contrast_prob=1.0, lowres_prob=1.0,
+                        gamma_inverted_prob=1.0, gamma_prob=1.0)
+    image = torch.from_numpy(np.random.default_rng(seed).normal(size=(3, 16, 16, 8)).astype(np.float32))
+    rng_ours, rng_ref = np.random.default_rng(seed), np.random.default_rng(seed)
+    ours = A.augment_intensity(image.clone(), rng_ours, cfg)
+    ref = nnunet_order_intensity(image.clone(), rng_ref, cfg)
+    assert torch.equal(ours, ref)
+    assert rng_ours.random() == rng_ref.random()
+
+
+def test_synchronized_switches_are_shared_and_fire_at_the_channel_rate():
+    """blur / low resolution with ``*_channel_prob`` 0.5: synchronised, all channels are changed or none, in
+    about half of the patches."""
+    image, label = scan(channels=2)
+    image[1] = image[0]
+    start, stop = crop_box(label.shape, (20, 18, 16), (16, 16, 16))
+    crop = torch.from_numpy(crop_patch(image, start, stop))
+    for cfg in (only(blur_prob=1.0, synchronize_channels=True), only(lowres_prob=1.0, synchronize_channels=True)):
+        changed = []
+        for seed in range(40):
+            img, _ = A.augment_patch(image, label, (20, 18, 16), (16, 16, 16), np.random.default_rng(seed), cfg)
+            assert torch.equal(img[0], img[1])
+            changed.append(not torch.equal(img[0], crop[0]))
+        assert 10 <= sum(changed) <= 30, cfg
+
+
 def test_same_seed_same_patch_other_seed_other_patch():
     image, label = scan()
     cfg = AugmentConfig(**{k: 1.0 for k in OFF}, blur_channel_prob=1.0, lowres_channel_prob=1.0)
