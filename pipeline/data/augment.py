@@ -240,16 +240,18 @@ def augment_intensity(image: torch.Tensor, rng: np.random.Generator, cfg: Augmen
             return [value] * n_channels
         return [draw() for _ in range(n_channels)]
 
+    def switched(prob, draw):
+        """A channel's switch, then its parameters when on (None when off): nnU-Net's order of draws."""
+        return lambda: draw() if rng.random() < prob else None
+
     if rng.random() < cfg.noise_prob:
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         gaussian_noise_(image, float(rng.uniform(*cfg.noise_std)), generator)
     if rng.random() < cfg.blur_prob:
-        def blur_sigmas():  # a channel's switch, then its sigmas when on: nnU-Net's order of draws
-            return rng.uniform(*cfg.blur_sigma_vox, 3) if rng.random() < cfg.blur_channel_prob else None
-
-        for c, sigmas in enumerate(per_channel(blur_sigmas)):
-            if sigmas is not None:
-                gaussian_blur_(image[c], sigmas)
+        sigmas = per_channel(switched(cfg.blur_channel_prob, lambda: rng.uniform(*cfg.blur_sigma_vox, 3)))
+        for c in range(n_channels):
+            if sigmas[c] is not None:
+                gaussian_blur_(image[c], sigmas[c])
     if rng.random() < cfg.brightness_prob:
         for c, factor in enumerate(per_channel(lambda: bg_factor(rng, *cfg.brightness_range))):
             image[c].mul_(factor)
@@ -257,18 +259,14 @@ def augment_intensity(image: torch.Tensor, rng: np.random.Generator, cfg: Augmen
         for c, factor in enumerate(per_channel(lambda: bg_factor(rng, *cfg.contrast_range))):
             contrast_(image[c], factor)
     if rng.random() < cfg.lowres_prob:
-        def lowres_scale():
-            return float(rng.uniform(*cfg.lowres_scale)) if rng.random() < cfg.lowres_channel_prob else None
-
-        for c, scale in enumerate(per_channel(lowres_scale)):
-            if scale is not None:
-                simulate_low_resolution_(image[c], scale, anisotropic_axis)
-    if rng.random() < cfg.gamma_inverted_prob:
-        for c, gamma in enumerate(per_channel(lambda: bg_factor(rng, *cfg.gamma_range))):
-            gamma_(image[c], gamma, invert=True)
-    if rng.random() < cfg.gamma_prob:
-        for c, gamma in enumerate(per_channel(lambda: bg_factor(rng, *cfg.gamma_range))):
-            gamma_(image[c], gamma, invert=False)
+        scales = per_channel(switched(cfg.lowres_channel_prob, lambda: float(rng.uniform(*cfg.lowres_scale))))
+        for c in range(n_channels):
+            if scales[c] is not None:
+                simulate_low_resolution_(image[c], scales[c], anisotropic_axis)
+    for invert, prob in ((True, cfg.gamma_inverted_prob), (False, cfg.gamma_prob)):  # inverted gamma first
+        if rng.random() < prob:
+            for c, gamma in enumerate(per_channel(lambda: bg_factor(rng, *cfg.gamma_range))):
+                gamma_(image[c], gamma, invert=invert)
     return image
 
 

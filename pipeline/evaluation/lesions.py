@@ -481,8 +481,8 @@ def _exclude_small(lesions: ComponentTable, min_mm3: float, pairs: tuple[np.ndar
     new_id = np.zeros(len(lesions) + 1, np.int64)
     new_id[1:][keep] = np.arange(1, int(keep.sum()) + 1)
     pc, pg, piou = pairs
-    sel = keep[pg - 1] if pg.size else np.zeros(0, bool)
-    touching = np.unique(ic[~keep[ig - 1]]) if ig.size else np.zeros(0, np.int64)
+    sel = keep[pg - 1]  # pg, ig: int64 ids (empty when nothing overlaps)
+    touching = np.unique(ic[~keep[ig - 1]])
     return lesions.subset(keep), (pc[sel], new_id[pg[sel]], piou[sel]), touching.astype(np.int64), n_excluded
 
 
