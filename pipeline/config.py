@@ -181,7 +181,8 @@ class LossConfig(_Section):
     mode: Literal["softmax", "sigmoid"] = "softmax"
     gamma: float = Field(2.0, ge=0)
     alpha: float | tuple[float, ...] | None = None  # sigmoid: float; softmax: one weight per class
-    focal_reduction: Literal["mean", "sum", "foreground"] = "mean"
+    # auto: foreground (sum / lesion voxels) for one foreground class, mean for several (losses.combined)
+    focal_reduction: Literal["auto", "mean", "sum", "foreground"] = "auto"
     lambda_focal: float = Field(1.0, ge=0)
     lambda_dice: float = Field(1.0, ge=0)
     dice: DiceConfig = DiceConfig()

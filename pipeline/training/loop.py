@@ -261,7 +261,10 @@ def _build_network(cfg: Config, plan: Plan, device: torch.device) -> tuple[nn.Mo
     model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    return model, build_loss(tc.loss, n_classes)
+    loss = build_loss(tc.loss, n_classes)
+    if tc.loss.focal_reduction == "auto":
+        log.info("focal reduction auto -> %s (%d output classes)", loss.focal.reduction, n_classes)
+    return model, loss
 
 
 def _resume(last_path: Path, cfg: Config, plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.config import DiceConfig, LossConfig
 from pipeline.losses import DiceLoss, FocalDiceLoss, FocalLoss, LossParts, build_loss, dice_loss, focal_loss
+from pipeline.losses.combined import resolve_focal_reduction
 
 
 def case(seed: int = 0, n_classes: int = 3):
@@ -94,6 +95,32 @@ def test_build_loss_sigmoid_from_config_with_integer_labels():
     torch.testing.assert_close(f, focal)
     torch.testing.assert_close(d, dice)
     torch.testing.assert_close(total, 2.0 * focal + 0.5 * dice)
+
+
+@pytest.mark.parametrize(
+    ("mode", "n_classes", "expected"),
+    [("softmax", 2, "foreground"), ("softmax", 3, "mean"), ("softmax", 4, "mean"),
+     ("sigmoid", 1, "foreground"), ("sigmoid", 2, "mean")],
+)
+def test_auto_focal_reduction_divides_by_the_lesion_voxels_only_for_one_foreground_class(mode, n_classes, expected):
+    assert LossConfig().focal_reduction == "auto"
+    assert resolve_focal_reduction("auto", mode, n_classes) == expected
+    loss = build_loss(LossConfig(mode=mode), n_classes=n_classes)
+    assert loss.focal.reduction == expected
+    # the built term is that reduction's, computed: binary labels for one channel, class labels otherwise
+    logits, labels = case(seed=3, n_classes=max(n_classes, 2))
+    logits = logits[:, :n_classes]
+    labels = labels.clamp(max=n_classes - 1) if n_classes > 1 else (labels > 0).to(labels.dtype)
+    torch.testing.assert_close(loss.parts(logits, labels).focal,
+                               focal_loss(logits, labels, mode=mode, reduction=expected))
+
+
+@pytest.mark.parametrize("explicit", ["mean", "sum", "foreground"])
+def test_an_explicit_focal_reduction_is_kept_for_every_head(explicit):
+    for mode, n_classes in (("softmax", 2), ("softmax", 3), ("sigmoid", 1)):
+        assert resolve_focal_reduction(explicit, mode, n_classes) == explicit
+        loss = build_loss(LossConfig(mode=mode, focal_reduction=explicit), n_classes=n_classes)
+        assert loss.focal.reduction == explicit
 
 
 def test_build_loss_per_class_alpha_reaches_the_focal_term():
