@@ -111,8 +111,21 @@ def check_dataset(ds: Dataset, remap: dict[int, int] | None = None, lesion_label
             summaries.append(summary)
     if problems:
         raise DataValidationError(problems)
+    _warn_unused_classes(ds, remap, summaries)
     log.info("data set %s: %d training and %d test cases are valid", ds.name, len(ds.training), len(ds.test))
     return summaries
+
+
+def _warn_unused_classes(ds: Dataset, remap: dict[int, int] | None, summaries: list[CaseSummary]) -> None:
+    """Warn about declared foreground classes that no labelled case holds (after ``remap``): each still gets
+    an output channel, e.g. when ``data.label_remap`` merges classes but ``data.labels`` still declares the
+    manifest's classes instead of those after remapping."""
+    present = set().union(*(s.label_values for s in summaries))
+    unused = {k: v for k, v in ds.labels.items() if k != 0 and k not in present}
+    if unused:
+        how = " after data.label_remap" if remap else ""
+        log.warning("%s: declared class(es) %s occur in no labelled case%s; each still gets an output channel "
+                    "(declare the classes after remapping with data.labels)", ds.manifest, unused, how)
 
 
 def validated_dataset(data_cfg: DataConfig, raw_dir: str | Path,

@@ -183,3 +183,17 @@ def test_a_dataset_without_training_cases(tiny_msd_dataset):
     ds = load_msd(tiny_msd_dataset(n_cases=2))
     with pytest.raises(DataValidationError, match=r"dataset\.json: no training cases"):
         check_dataset(replace(ds, training=()), progress=False)
+
+
+def test_a_declared_class_that_no_case_holds_after_remapping_is_warned_about(tiny_msd_dataset, caplog):
+    """Remapping 2 -> 1 while the manifest still declares class 2 would give an empty output channel."""
+    ds = load_msd(tiny_msd_dataset(n_cases=3))
+    with caplog.at_level("WARNING", logger="pipeline.io.validate"):
+        check_dataset(ds, progress=False)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with caplog.at_level("WARNING", logger="pipeline.io.validate"):
+        check_dataset(ds, remap={2: 1}, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert str(ds.manifest) in warnings[0] and f"{{2: {ds.labels[2]!r}}}" in warnings[0]
+    assert "after data.label_remap" in warnings[0] and "data.labels" in warnings[0]
