@@ -111,7 +111,6 @@ def check_dataset(ds: Dataset, remap: dict[int, int] | None = None, lesion_label
             summaries.append(summary)
     if problems:
         raise DataValidationError(problems)
-    _warn_unused_classes(ds, remap, summaries)
     log.info("data set %s: %d training and %d test cases are valid", ds.name, len(ds.training), len(ds.test))
     return summaries
 
@@ -134,5 +133,6 @@ def validated_dataset(data_cfg: DataConfig, raw_dir: str | Path,
     returns it and ``{case_id: has_lesion}`` (any of ``data.lesion_labels`` present)."""
     ds = load_dataset(data_cfg, raw_dir)
     summaries = check_dataset(ds, data_cfg.label_remap, data_cfg.lesion_labels, progress=progress)
+    _warn_unused_classes(ds, data_cfg.label_remap, summaries)  # here, not in check_dataset: shards see subsets
     lesion = set(data_cfg.lesion_labels)
     return ds, {s.case_id: bool(lesion & set(s.label_values)) for s in summaries}
