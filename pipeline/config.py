@@ -138,6 +138,18 @@ class DataConfig(_Section):
 class IntensityConfig(_Section):
     scheme: tuple[Literal["auto", "ct", "zscore", "none"], ...] = ("auto",)  # per channel (one = all)
     ct_clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    # per channel (one = all): n4 divides an MRI channel by its N4 bias field before normalising
+    bias_field: tuple[Literal["none", "n4"], ...] = ("none",)
+    n4_grid_mm: float = Field(4.0, gt=0)  # spacing (mm) of the shrunk copy the field is fitted on
+    n4_iterations: tuple[Annotated[int, Field(ge=1)], ...] = (50, 50, 50, 50)  # per fitting level
+
+    @model_validator(mode="after")
+    def _check_n4(self) -> IntensityConfig:
+        if not self.bias_field:
+            raise ValueError("bias_field needs one entry (all channels) or one per channel")
+        if not self.n4_iterations:
+            raise ValueError("n4_iterations needs at least one fitting level")
+        return self
 
 
 class PreprocessConfig(_Section):

@@ -117,15 +117,27 @@ class NetworkPlan(Contract):
     pools_per_axis: IntTriple | None = None
 
 
+class BiasFieldPlan(Contract):
+    """N4 bias-field correction of a channel before its normalisation
+    (:func:`pipeline.preprocessing.bias_field.n4_correct`): fitted at about ``grid_mm`` spacing with
+    ``iterations`` per fitting level."""
+
+    method: Literal["n4"]
+    grid_mm: float
+    iterations: tuple[int, ...]
+
+
 class ChannelIntensity(Contract):
     """How one channel is normalised (:mod:`pipeline.preprocessing.normalize`): ``ct`` clips to ``clip``
     (HU) then z-scores with the data set's foreground ``mean`` / ``std``; ``zscore`` uses each scan's own
-    statistics (then clip / mean / std are None); ``none`` leaves it."""
+    statistics (then clip / mean / std are None); ``none`` leaves it. ``bias_field`` (MRI, optional: absent
+    in plans that do not correct) is applied first."""
 
     scheme: Literal["ct", "zscore", "none"]
     clip: tuple[float, float] | None
     mean: float | None
     std: float | None
+    bias_field: BiasFieldPlan | None = None
 
 
 class BudgetPlan(Contract):
@@ -232,6 +244,18 @@ class ResampleStep(Contract):
     label_method: str
 
 
+class AppliedBiasField(Contract):
+    """The bias-field correction applied to one channel: ``shrink`` per axis of the fitted copy, the
+    ``iterations`` per level and the range of the field (unitless, geometric mean 1 over the ``mask_voxels``
+    of the fit mask); ``method: none`` when the channel had nothing to fit (constant)."""
+
+    method: Literal["n4", "none"]
+    shrink: IntTriple
+    iterations: tuple[int, ...]
+    field_range: tuple[float, float]
+    mask_voxels: int
+
+
 class AppliedIntensity(Contract):
     """Step 3, the normalisation applied to one channel (``masked``: z-score statistics over the
     foreground mask; z-score only)."""
@@ -241,6 +265,7 @@ class AppliedIntensity(Contract):
     mean: float | None
     std: float | None
     masked: bool | None = None
+    bias_field: AppliedBiasField | None = None
 
 
 class CaseSource(Contract):

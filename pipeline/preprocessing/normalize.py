@@ -46,6 +46,37 @@ def resolve_schemes(channel_names: Sequence[str], configured: Sequence[str]) -> 
     return out
 
 
+def resolve_bias_field(channel_names: Sequence[str], schemes: Sequence[str], intensity: Any) -> list[dict | None]:
+    """Per channel the plan's bias-field entry: ``{"method": "n4", "grid_mm", "iterations"}`` where
+    ``intensity.bias_field`` (one entry = all channels) says ``n4``, else None.
+
+    Raises:
+        ValueError: the number of entries fits neither one nor every channel, or ``n4`` is asked for a CT
+            channel (Hounsfield units are calibrated: a CT scan has no multiplicative field to remove).
+    """
+    n = len(channel_names)
+    configured = list(intensity.bias_field)
+    if len(configured) not in (1, n):
+        raise ValueError(
+            f"preprocess.intensity.bias_field has {len(configured)} entries but the data set has {n} channels "
+            f"{list(channel_names)}: give one entry for all channels or one per channel"
+        )
+    chosen = configured * n if len(configured) == 1 else configured
+    out: list[dict | None] = []
+    for name, scheme, method in zip(channel_names, schemes, chosen, strict=True):
+        if method == "none":
+            out.append(None)
+            continue
+        if scheme == "ct":
+            raise ValueError(
+                f"preprocess.intensity.bias_field: n4 on the CT channel {name!r}; Hounsfield units are "
+                "calibrated and have no bias field (use none for it, e.g. [none, n4] per channel)"
+            )
+        out.append({"method": "n4", "grid_mm": float(intensity.n4_grid_mm),
+                    "iterations": [int(i) for i in intensity.n4_iterations]})
+    return out
+
+
 def intensity_parameters(data: np.ndarray, intensity: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The parameters to apply per channel of a raw ``(C, X, Y, Z)`` scan (any dtype, any strides).
 

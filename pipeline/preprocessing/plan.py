@@ -40,7 +40,7 @@ from pipeline.config import Config, ModelConfig, PreprocessConfig
 from pipeline.contracts import Plan
 from pipeline.io.dataset import Dataset
 from pipeline.preprocessing.fingerprint import QUANTILE_GRID
-from pipeline.preprocessing.normalize import resolve_schemes
+from pipeline.preprocessing.normalize import resolve_bias_field, resolve_schemes
 from pipeline.preprocessing.resample import target_shape
 from pipeline.spacing import is_anisotropic
 
@@ -248,6 +248,7 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> Pla
     filters = [min(base_filters * 2**i, max_filters) for i in range(n_stages)]
 
     schemes = resolve_schemes(dataset.channel_names, pre.intensity.scheme)
+    bias = resolve_bias_field(dataset.channel_names, schemes, pre.intensity)
     lo_pct, hi_pct = pre.intensity.ct_clip_percentiles
     intensity = []
     for c, scheme in enumerate(schemes):
@@ -263,6 +264,8 @@ def make_plan(fingerprint: dict[str, Any], dataset: Dataset, cfg: Config) -> Pla
             )
         else:
             intensity.append({"scheme": scheme, "clip": None, "mean": None, "std": None})
+        if bias[c] is not None:  # only when set: plans without correction keep their bytes (and hash)
+            intensity[-1]["bias_field"] = bias[c]
 
     labels = {str(k): v for k, v in sorted(dataset.labels.items())}
     return Plan.from_dict({

@@ -4,11 +4,13 @@
 
 1. reorient to the canonical (RAS-closest) voxel axes by permutation / flips only (:mod:`.orient`);
 2. crop to the nonzero box of the image (:mod:`.crop`);
-3. normalise intensities per channel (:mod:`.normalize`), before any interpolation;
+3. correct the bias field of the MRI channels the plan names (:mod:`.bias_field`, N4: not in nnU-Net, off by default),
+   then normalise intensities per channel (:mod:`.normalize`), before any interpolation;
 4. resample to the plan's target spacing in that voxel frame (:mod:`.resample`): images with a cubic
    B-spline (the strongly anisotropic axis separately, default linear), labels one-hot linear + argmax.
 
-Steps 1-2 are views; step 3 is pointwise and runs block by block inside the first resampling pass, so the
+Steps 1-2 are views (a bias-field correction makes one float32 copy of the cropped scan); step 3's
+normalisation is pointwise and runs block by block inside the first resampling pass, so the
 full-resolution scan is never copied as a whole.
 
 It returns the image and label map as :class:`~pipeline.io.volume.Volume` s on the preprocessed grid and a
@@ -25,6 +27,7 @@ import numpy as np
 from pipeline.config import PreprocessConfig
 from pipeline.contracts import CaseRecord, Plan
 from pipeline.io.volume import Volume, grid_mismatch
+from pipeline.preprocessing.bias_field import n4_correct
 from pipeline.preprocessing.crop import crop, nonzero_box, uncrop
 from pipeline.preprocessing.normalize import apply_intensity_, intensity_parameters
 from pipeline.preprocessing.orient import axcodes, canonical_ornt, from_canonical, permute, to_canonical
@@ -107,8 +110,18 @@ def preprocess_case(
     crop_shape = tuple(int(n) for n in cropped.shape[1:])
     affine_crop = _translate(affine_ras, [lo for lo, _ in box])
 
-    # 3. intensity parameters (z-score statistics of this scan), applied pointwise in step 4
+    # 3. bias-field correction (MRI channels the plan names; needs the whole channel, so a float32 copy),
+    # then the intensity parameters (z-score statistics of this scan), applied pointwise in step 4
+    bias_info: dict[int, dict] = {}
+    if any(channel.bias_field is not None for channel in plan.intensity):
+        cropped = np.array(cropped, dtype=np.float32)
+        for c, channel in enumerate(plan.intensity):
+            if channel.bias_field is not None:
+                cropped[c], bias_info[c] = n4_correct(cropped[c], spacing_ras, channel.bias_field.grid_mm,
+                                                      channel.bias_field.iterations)
     applied = intensity_parameters(cropped, [channel.to_dict() for channel in plan.intensity])
+    for c, info in bias_info.items():
+        applied[c]["bias_field"] = info
 
     # 4. resampling in the canonical voxel frame; the scan is normalised block by block on the way in
     target = [float(t) for t in plan.target_spacing_mm]

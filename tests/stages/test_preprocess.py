@@ -232,3 +232,39 @@ def test_one_run_at_a_time(data, tmp_path):
 def test_workers_default_is_cpu_count():
     assert resolve_workers(0) == os.cpu_count()
     assert resolve_workers(None, default=3) == 3 and resolve_workers(None) == os.cpu_count()
+
+
+def mr_dataset(root: Path, offset: float = 0.0):
+    """Four MR-like cases (``FLAIR``: a shaded two-tissue head in zero air, see
+    tests/preprocessing/test_bias_field.py), ``offset`` added to every voxel (negative: pre-normalised)."""
+    from tests.preprocessing.test_bias_field import two_tissue_head
+
+    cases = []
+    for i in range(4):
+        scan, tissue, _ = two_tissue_head((32, 30, 12), seed=i)
+        affine = make_affine((1.5, 1.5, 3.0), (float(i), 0.0, 0.0))
+        cases.append((f"case_{i:02d}", Volume((scan + offset)[None], affine), Volume(tissue[None], affine)))
+    ds = load_msd(write_msd(root, cases, channel_names=("FLAIR",)))
+    return ds, {"train": ["case_00", "case_01"], "val": ["case_02"], "test": ["case_03"]}
+
+
+def test_n4_through_the_stage_is_recorded_per_case(tmp_path):
+    ds, splits = mr_dataset(tmp_path / "raw")
+    cfg = config_from_dict({"preprocess": {"intensity": {"bias_field": ["n4"]}}})
+    summary = run_preprocess(cfg, ds, splits, tmp_path / "out", workers=1)
+    assert len(summary["processed"]) == 4
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["intensity"][0]["bias_field"] == {"method": "n4", "grid_mm": 4.0, "iterations": [50, 50, 50, 50]}
+    record = json.loads((tmp_path / "out" / "cases" / "case_03.json").read_text())
+    applied = record["intensity"][0]["bias_field"]
+    assert applied["method"] == "n4" and applied["field_range"][0] < 1 < applied["field_range"][1]
+    plain = run_preprocess(config_from_dict({}), ds, splits, tmp_path / "plain", workers=1)
+    assert plain["plan_hash"] != summary["plan_hash"]  # the correction is part of every case's bytes
+
+
+def test_n4_on_normalised_scans_names_case_and_file(tmp_path):
+    ds, splits = mr_dataset(tmp_path / "raw", offset=-3.6)
+    cfg = config_from_dict({"preprocess": {"intensity": {"bias_field": ["n4"]}}})
+    with pytest.raises(PreprocessError, match=r"case case_0\d \(.*imagesTr/case_0\d.nii.gz\): N4 .*non-negative"):
+        run_preprocess(cfg, ds, splits, tmp_path / "out", workers=1)
+    assert not list((tmp_path / "out" / "cases").glob("*.npy"))  # nothing half-written
