@@ -18,6 +18,22 @@ SCHEMES = ("ct", "zscore", "none")
 _MIN_STD = 1e-8
 
 
+def per_channel(channel_names: Sequence[str], configured: Sequence[str], key: str, noun: str) -> list[str]:
+    """``configured`` (a ``preprocess.intensity.<key>`` list) as one entry per channel: one entry is used for
+    every channel, otherwise there must be one per channel.
+
+    Raises:
+        ValueError: the number of entries fits neither one nor every channel (names the key and channels).
+    """
+    n = len(channel_names)
+    if len(configured) not in (1, n):
+        raise ValueError(
+            f"preprocess.intensity.{key} has {len(configured)} entries but the data set has {n} channels "
+            f"{list(channel_names)}: give one {noun} for all channels or one per channel"
+        )
+    return list(configured) * n if len(configured) == 1 else list(configured)
+
+
 def resolve_schemes(channel_names: Sequence[str], configured: Sequence[str]) -> list[str]:
     """One scheme per channel: ``configured`` (one entry = all channels); ``auto`` -> CT for channels named
     ``CT``, none for ``noNorm`` / ``none``, z-score otherwise (nnU-Net's rule).
@@ -25,13 +41,7 @@ def resolve_schemes(channel_names: Sequence[str], configured: Sequence[str]) -> 
     Raises:
         ValueError: the number of configured schemes fits neither one nor every channel.
     """
-    n = len(channel_names)
-    if len(configured) not in (1, n):
-        raise ValueError(
-            f"preprocess.intensity.scheme has {len(configured)} entries but the data set has {n} channels "
-            f"{list(channel_names)}: give one scheme for all channels or one per channel"
-        )
-    chosen = list(configured) * n if len(configured) == 1 else list(configured)
+    chosen = per_channel(channel_names, configured, "scheme", "scheme")
     out = []
     for name, configured_scheme in zip(channel_names, chosen, strict=True):
         scheme = configured_scheme
@@ -54,14 +64,7 @@ def resolve_bias_field(channel_names: Sequence[str], schemes: Sequence[str], int
         ValueError: the number of entries fits neither one nor every channel, or ``n4`` is asked for a CT
             channel (Hounsfield units are calibrated: a CT scan has no multiplicative field to remove).
     """
-    n = len(channel_names)
-    configured = list(intensity.bias_field)
-    if len(configured) not in (1, n):
-        raise ValueError(
-            f"preprocess.intensity.bias_field has {len(configured)} entries but the data set has {n} channels "
-            f"{list(channel_names)}: give one entry for all channels or one per channel"
-        )
-    chosen = configured * n if len(configured) == 1 else configured
+    chosen = per_channel(channel_names, intensity.bias_field, "bias_field", "entry")
     out: list[dict | None] = []
     for name, scheme, method in zip(channel_names, schemes, chosen, strict=True):
         if method == "none":
