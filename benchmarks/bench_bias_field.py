@@ -47,7 +47,7 @@ def roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def patient_row(folder: Path) -> dict:
+def patient_row(folder: Path, grid_mm: float = 4.0) -> dict:
     visits = [nib.load(folder / f"study{v}_FLAIR_common.nii.gz") for v in (1, 2)]
     spacing = [float(s) for s in visits[0].header.get_zooms()[:3]]
     brain = np.asarray(nib.load(folder / "brainmask.nii.gz").dataobj) > 0
@@ -59,7 +59,7 @@ def patient_row(folder: Path) -> dict:
             data = np.asarray(img.dataobj, dtype=np.float32)
             if mode == "n4":
                 start = time.perf_counter()
-                data, _ = n4_correct(data, spacing)
+                data, _ = n4_correct(data, spacing, grid_mm)
                 seconds.append(time.perf_counter() - start)
             scaled.append(robust_scale(data, brain))
         diff = np.abs(ndi.gaussian_filter(scaled[1] - scaled[0], [1.0 / s for s in spacing]))
@@ -73,6 +73,7 @@ def patient_row(folder: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--grid-mm", type=float, default=4.0, help="N4 fitting grid (preprocess.intensity.n4_grid_mm)")
     opts = p.parse_args()
     base = opts.data_root / FOLDER
     if not base.is_dir():
@@ -80,7 +81,7 @@ def main() -> None:
     print("| patient | AUC, abs. visit difference, raw | with N4 | visit correlation, raw | with N4 | N4 s / visit |")
     print("| --- | --- | --- | --- | --- | --- |")
     for folder in sorted(d for d in base.iterdir() if d.is_dir()):
-        r = patient_row(folder)
+        r = patient_row(folder, opts.grid_mm)
         print(f"| {r['patient']} | {r['auc_raw']:.3f} | {r['auc_n4']:.3f} | {r['corr_raw']:.3f} | "
               f"{r['corr_n4']:.3f} | {r['n4_s_per_visit']:.1f} |")
 
