@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.stats import rankdata
 
-from pipeline.preprocessing.bias_field import n4_correct
+from pipeline.preprocessing.bias_field import DEFAULT_GRID_MM, n4_correct
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "real"
@@ -47,7 +47,7 @@ def roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def patient_row(folder: Path, grid_mm: float = 4.0) -> dict:
+def patient_row(folder: Path, grid_mm: float = DEFAULT_GRID_MM) -> dict:
     visits = [nib.load(folder / f"study{v}_FLAIR_common.nii.gz") for v in (1, 2)]
     spacing = [float(s) for s in visits[0].header.get_zooms()[:3]]
     brain = np.asarray(nib.load(folder / "brainmask.nii.gz").dataobj) > 0
@@ -73,7 +73,8 @@ def patient_row(folder: Path, grid_mm: float = 4.0) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--grid-mm", type=float, default=4.0, help="N4 fitting grid (preprocess.intensity.n4_grid_mm)")
+    p.add_argument("--grid-mm", type=float, default=DEFAULT_GRID_MM,
+                   help="N4 fitting grid (preprocess.intensity.n4_grid_mm)")
     opts = p.parse_args()
     base = opts.data_root / FOLDER
     if not base.is_dir():
